@@ -1,0 +1,145 @@
+"""The ``eproj`` command line.
+
+Subcommands import their stage lazily, so the runtime's commands work where
+torch is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eproj.errors import EprojError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from eproj.train.models import ModelConfig
+    from eproj.train.trainer import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    architecture = args.arch or ("zimmerer" if args.size == 64 else "bergmann")
+    model_config = ModelConfig(family=args.model, architecture=architecture, size=args.size,
+                               channels=args.channels or _data_channels(args.data, args.size),
+                               latent=args.latent, beta=args.beta)
+    train_config = TrainConfig(data=args.data, steps=args.steps, batch=args.batch, lr=args.lr,
+                               seed=args.seed, checkpoint_every=args.checkpoint_every,
+                               weights=args.weights)
+    out = train(args.out, model_config, train_config, calibrate_after=not args.no_calibrate)
+    print(f"wrote {out}")
+    return 0
+
+
+def _data_channels(spec: str, size: int) -> int:
+    from eproj.train.data import load_source
+
+    return load_source(spec, size=size).channels
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from eproj.train.calibrate import write_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"wrote {write_model(args.run, data=args.data)}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from eproj.train.evaluate import evaluate_cli
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = evaluate_cli(args.run, args.data, args.method, args.json, args.save_maps,
+                          max_iters=args.max_iters)
+    print(json.dumps(report["metrics"]["dssim"], indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from eproj.train.demo import run_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_demo(Path(args.out), retrain=args.train, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eproj", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an autoencoder on normal images")
+    p.add_argument("--data", required=True, help="textures:NAME|PATH, mvtec:PATH/CATEGORY or folder:PATH")
+    p.add_argument("--model", required=True, choices=("l2ae", "dsae", "vae", "gvae"))
+    p.add_argument("--beta", type=float, default=1.0, help="KL weight of the vae family (1 = VAE)")
+    p.add_argument("--latent", type=_positive_int, default=100)
+    p.add_argument("--size", type=_positive_int, default=128)
+    p.add_argument("--arch", choices=("bergmann", "zimmerer"), default=None,
+                   help="default: zimmerer for --size 64, bergmann otherwise")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: the data's")
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--batch", type=_positive_int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=_positive_int, default=250)
+    p.add_argument("--weights", choices=("float32", "float16"), default="float32",
+                   help="dtype of the weights in model.pt (float16 halves its size)")
+    p.add_argument("--no-calibrate", action="store_true", help="stop after training; skip model.pt")
+    p.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("calibrate", help="recompute a run's Lr statistics and thresholds (writes model.pt)")
+    p.add_argument("run")
+    p.add_argument("--data", default=None, help="default: the data the run trained on")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("eval", help="evaluate a trained model on a test set")
+    p.add_argument("run", help="run directory or model.pt")
+    p.add_argument("--data", default=None, help="default: the data the run trained on")
+    p.add_argument("--method", choices=("reconstruction", "projection"), default="projection")
+    p.add_argument("--max-iters", type=_positive_int, default=None)
+    p.add_argument("--json", required=True, help="where to write the metrics")
+    p.add_argument("--save-maps", default=None, help="folder for per-image maps (.npy) and masks (.png)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="reconstruction vs projection on the embedded textures")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--train", action="store_true", help="retrain the models from scratch first")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps with --train")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EprojError as exc:
+        print(f"eproj: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eproj: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""eproj.export: ONNX graphs and TensorRT engines built from trained models."""

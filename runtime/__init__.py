@@ -1,0 +1,1 @@
+"""eproj.runtime: the projection-and-segmentation loop for deployment (NumPy, no torch)."""

@@ -1,0 +1,1 @@
+"""eproj.train: PyTorch models, training, the reference projection and evaluation."""

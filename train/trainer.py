@@ -1,0 +1,122 @@
+"""Training loop: Adam on augmented normal data, resumable checkpoints, then calibration.
+
+The data for step t comes from a generator seeded by (seed, t), so a resumed
+run draws exactly the batches an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from eproj.errors import CheckpointError, ConfigError
+from eproj.train.checkpoint import (CHECKPOINT_FORMAT, FORMAT_VERSION, load_payload,
+                                    model_from_payload, save_atomic)
+from eproj.train.data import load_source
+from eproj.train.losses import training_loss
+from eproj.train.models import ModelConfig, build_model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a run trains; stored in its checkpoints. ``steps`` may grow on resume."""
+
+    data: str
+    steps: int = 10000
+    batch: int = 16
+    lr: float = 1e-4
+    seed: int = 0
+    checkpoint_every: int = 250
+    weights: str = "float32"  # dtype of the weights written to model.pt
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+        if self.batch < 1:
+            raise ConfigError(f"batch must be >= 1, got {self.batch}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint interval must be >= 1, got {self.checkpoint_every}")
+        if self.weights not in ("float32", "float16"):
+            raise ConfigError(f"weights must be float32 or float16, got {self.weights!r}")
+
+
+def _checkpoint(model, optimizer, model_config: ModelConfig, train_config: TrainConfig, step: int) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION,
+            "config": model_config.to_dict(), "train": asdict(train_config), "step": step,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig):
+    payload = load_payload(path, CHECKPOINT_FORMAT)
+    stored = ModelConfig.from_dict(dict(payload["config"]))
+    if stored != model_config:
+        raise CheckpointError(f"{path} was trained with {stored}; this command asks for {model_config}. "
+                              f"Use the same options to resume, or another --out for a new run")
+    stored_data = payload["train"].get("data")
+    if stored_data != train_config.data:
+        raise CheckpointError(f"{path} was trained on {stored_data!r}; this command asks for "
+                              f"{train_config.data!r}. Use another --out for a new run")
+    model = model_from_payload(payload, path)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
+    optimizer.load_state_dict(payload["optimizer"])
+    for group in optimizer.param_groups:
+        group["lr"] = train_config.lr
+    return model, optimizer, int(payload["step"])
+
+
+def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainConfig,
+          calibrate_after: bool = True, progress: bool = True) -> Path:
+    """Train (or resume) the run in ``run_dir`` up to ``train_config.steps`` steps.
+
+    Writes ``checkpoint.pt`` every ``checkpoint_every`` steps and on interruption,
+    then calibrates and writes ``model.pt``. Returns the path of ``model.pt``
+    (or of ``checkpoint.pt`` when ``calibrate_after`` is False).
+    """
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    source = load_source(train_config.data, size=model_config.size, seed=train_config.seed)
+    if source.channels != model_config.channels:
+        raise ConfigError(f"{train_config.data} has {source.channels}-channel images; "
+                          f"the model was asked for {model_config.channels} channel(s)")
+    if ckpt_path.exists():
+        model, optimizer, step = _resume(ckpt_path, model_config, train_config)
+    else:
+        torch.manual_seed(train_config.seed)
+        model = build_model(model_config)
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
+        step = 0
+    bar = tqdm(total=train_config.steps, initial=step, desc=f"train {model_config.family}",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    last_save = time.monotonic()
+    try:
+        while step < train_config.steps:
+            rng = np.random.default_rng([train_config.seed, step])
+            torch.manual_seed(train_config.seed * 1_000_003 + step)
+            x = torch.from_numpy(source.train_batch(rng, train_config.batch))
+            loss, logs = training_loss(model, x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+            if step % train_config.checkpoint_every == 0 or time.monotonic() - last_save > 600:
+                save_atomic(_checkpoint(model, optimizer, model_config, train_config, step), ckpt_path)
+                last_save = time.monotonic()
+    finally:
+        bar.close()
+        save_atomic(_checkpoint(model, optimizer, model_config, train_config, step), ckpt_path)
+    if not calibrate_after:
+        return ckpt_path
+    from eproj.train.calibrate import write_model
+
+    return write_model(run_dir, progress=progress)
