@@ -32,7 +32,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     architecture = args.arch or ("zimmerer" if args.size == 64 else "bergmann")
     model_config = ModelConfig(family=args.model, architecture=architecture, size=args.size,
                                channels=args.channels or _data_channels(args.data, args.size),
-                               latent=args.latent, beta=args.beta)
+                               latent=args.latent, beta=args.beta,
+                               decoder_variance=args.decoder_variance)
     train_config = TrainConfig(data=args.data, steps=args.steps, batch=args.batch, lr=args.lr,
                                seed=args.seed, checkpoint_every=args.checkpoint_every,
                                weights=args.weights)
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="textures:NAME|PATH, mvtec:PATH/CATEGORY or folder:PATH")
     p.add_argument("--model", required=True, choices=("l2ae", "dsae", "vae", "gvae"))
     p.add_argument("--beta", type=float, default=1.0, help="KL weight of the vae family (1 = VAE)")
+    p.add_argument("--decoder-variance", type=float, default=0.01,
+                   help="fixed variance of the vae family's Gaussian decoder")
     p.add_argument("--latent", type=_positive_int, default=100)
     p.add_argument("--size", type=_positive_int, default=128)
     p.add_argument("--arch", choices=("bergmann", "zimmerer"), default=None,

@@ -9,7 +9,10 @@ The reference definitions every faster path is tested against:
   use_sample_covariance=False, full=True)`` map.
 - ``reconstruction_loss``: Lr(x) per sample, the family's reconstruction term
   evaluated at the encoder mean (sums over pixels, not means, so that the
-  projection step size alpha is the paper's).
+  projection step size alpha is the paper's). For the Gaussian decoders of
+  fixed variance (l2ae, vae) Lr is the sum of squared residuals: the negative
+  log-likelihood without its constant factor 1/(2 sigma^2), so that one step
+  size fits every family.
 - ``training_loss``: what Adam minimises while training.
 """
 
@@ -143,6 +146,8 @@ def training_loss(model: Autoencoder, x: torch.Tensor) -> tuple[torch.Tensor, di
     assert logvar is not None
     z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
     rec = reconstruction_term(model, x, model.decode(z))
+    if cfg.family == "vae":  # Gaussian negative log-likelihood of fixed variance, constants dropped
+        rec = rec / (2.0 * cfg.decoder_variance)
     kl = kl_divergence(mu, logvar)
     weight = cfg.beta if cfg.family == "vae" else 1.0
     loss = (rec + weight * kl).mean()

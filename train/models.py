@@ -14,8 +14,9 @@ Families (the paper's Table 1), all on the same architecture:
 
 - ``l2ae``: deterministic, L2 loss.
 - ``dsae``: deterministic, DSSIM loss.
-- ``vae``: encoder gives mu and log sigma^2, decoder variance fixed; KL weight
-  ``beta`` (beta = 1 is the VAE, other values the beta-VAE).
+- ``vae``: encoder gives mu and log sigma^2, Gaussian decoder of fixed variance
+  ``decoder_variance``; KL weight ``beta`` (beta = 1 is the VAE, other values
+  the beta-VAE).
 - ``gvae``: the gamma-VAE of Dai & Wipf, decoder variance gamma^2 learned.
 
 A model maps images in [0, 1] of shape (N, C, H, W) to reconstructions of the
@@ -51,6 +52,7 @@ class ModelConfig:
     channels: int = 1
     latent: int = 100
     beta: float = 1.0
+    decoder_variance: float = 0.01  # fixed sigma^2 of the vae family's Gaussian decoder
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -66,6 +68,8 @@ class ModelConfig:
             raise ConfigError(f"latent size must be >= 1, got {self.latent}")
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if self.decoder_variance <= 0:
+            raise ConfigError(f"decoder variance must be > 0, got {self.decoder_variance}")
 
     @property
     def variational(self) -> bool:

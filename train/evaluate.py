@@ -1,0 +1,190 @@
+"""Anomaly maps of a trained model and their evaluation on a test set.
+
+Two methods produce the image a test image is compared with:
+
+- ``reconstruction``: the plain baseline, f(x0);
+- ``projection``: the energy projection of x0 (``eproj.train.projection``).
+
+Both give two anomaly maps: DSSIM(x0, target) (the method's map) and the
+squared residual. Test images larger than the model input (textures) are cut
+into tiles of the model size and the maps stitched back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from eproj.errors import ConfigError, DataError
+from eproj.train.checkpoint import TrainedModel, load_model
+from eproj.train.data import TestSample, load_source, tile, to_batch, untile
+from eproj.train.losses import dssim_map, l2_map
+from eproj.train.metrics import all_metrics
+from eproj.train.models import Autoencoder
+from eproj.train.projection import ProjectionConfig, project
+
+METHODS = ("reconstruction", "projection")
+MAP_KINDS = ("dssim", "l2")
+
+
+def projection_config(trained: TrainedModel, **overrides: Any) -> ProjectionConfig:
+    """The model's stored projection defaults with its stop threshold, then ``overrides``."""
+    values = dict(trained.calibration.get("projection", {}))
+    values["stop_threshold"] = trained.stop_threshold
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ProjectionConfig(**values)
+
+
+@dataclass
+class MethodOutput:
+    """Per image of a batch: ``target`` (N, C, S, S) the image compared with x0;
+    ``maps`` kind -> (N, S, S); ``iterations`` (N,) int."""
+
+    target: np.ndarray
+    maps: dict[str, np.ndarray]
+    iterations: np.ndarray
+
+
+def run_method(model: Autoencoder, images: np.ndarray, method: str,
+               config: ProjectionConfig | None = None, batch: int = 32,
+               progress: bool = False, desc: str = "") -> MethodOutput:
+    """Apply a method to (N, C, S, S) float32 images in [0, 1], ``batch`` images at a time."""
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "projection" and config is None:
+        raise ConfigError("the projection method needs a ProjectionConfig")
+    targets, dssim, l2, iterations = [], [], [], []
+    chunks = range(0, len(images), batch)
+    for start in tqdm(chunks, desc=desc or method, unit="batch", disable=not progress, leave=False):
+        x0 = torch.from_numpy(np.ascontiguousarray(images[start:start + batch]))
+        if method == "projection":
+            result = project(model, x0, config)
+            target, its = result.projection, result.iterations.numpy()
+        else:
+            with torch.no_grad():
+                target = model(x0)
+            its = np.zeros(len(x0), np.int64)
+        with torch.no_grad():
+            dssim.append(dssim_map(x0, target).numpy())
+            l2.append(l2_map(x0, target).numpy())
+        targets.append(target.detach().numpy())
+        iterations.append(its)
+    return MethodOutput(np.concatenate(targets), {"dssim": np.concatenate(dssim), "l2": np.concatenate(l2)},
+                        np.concatenate(iterations))
+
+
+@dataclass
+class SampleResult:
+    """One test image after a method: maps kind -> (H, W); target (H, W, C); score = max DSSIM."""
+
+    sample: TestSample
+    maps: dict[str, np.ndarray]
+    target: np.ndarray
+    iterations: float
+    score: float
+
+
+def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str,
+                   config: ProjectionConfig | None, progress: bool = True) -> list[SampleResult]:
+    """Apply a method to test images of any size that tiles by the model size."""
+    size, channels = trained.config.size, trained.config.channels
+    tiles, owners = [], []
+    for i, s in enumerate(samples):
+        if s.image.ndim != 3 or s.image.shape[2] != channels:
+            raise DataError(f"test image {s.name} has shape {s.image.shape}; the model expects "
+                            f"{channels} channel(s)")
+        parts = tile(s.image, size)
+        tiles += parts
+        owners += [i] * len(parts)
+    out = run_method(trained.model, to_batch(tiles), method, config, progress=progress,
+                     desc=f"{method} {trained.config.family}")
+    owners_arr = np.asarray(owners)
+    results = []
+    for i, s in enumerate(samples):
+        idx = np.nonzero(owners_arr == i)[0]
+        shape = s.image.shape[:2]
+        maps = {k: untile(v[idx], shape) for k, v in out.maps.items()}
+        target = untile(out.target[idx].transpose(0, 2, 3, 1), shape)
+        results.append(SampleResult(s, maps, target, float(out.iterations[idx].mean()),
+                                    float(maps["dssim"].max())))
+    return results
+
+
+def summarise(trained: TrainedModel, results: list[SampleResult], method: str) -> dict[str, Any]:
+    """Metrics of every map kind, iteration statistics and per-image rows."""
+    masks = [r.sample.mask for r in results]
+    labels = np.array([r.sample.label for r in results])
+    metrics = {}
+    for kind in MAP_KINDS:
+        maps = [r.maps[kind] for r in results]
+        scores = np.array([m.max() for m in maps])
+        metrics[kind] = all_metrics(maps, masks, scores, labels, trained.segmentation_threshold(method, kind))
+    its = np.array([r.iterations for r in results])
+    return {
+        "metrics": metrics,
+        "iterations": {"mean": float(its.mean()), "median": float(np.median(its)),
+                       "p90": float(np.percentile(its, 90)), "min": float(its.min()), "max": float(its.max())},
+        "images": [{"name": r.sample.name, "defect": r.sample.defect, "label": r.sample.label,
+                    "score": r.score, "iterations": r.iterations,
+                    "flagged": bool(r.score > trained.calibration["segmentation"][method]["score"])}
+                   for r in results],
+    }
+
+
+def save_maps(results: list[SampleResult], trained: TrainedModel, method: str, folder: Path) -> None:
+    """Write each image's DSSIM map (float32 .npy) and predicted mask (.png), named after it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    threshold = trained.segmentation_threshold(method, "dssim")
+    for r in results:
+        np.save(folder / f"{r.sample.name}.npy", r.maps["dssim"].astype(np.float32))
+        mask = (r.maps["dssim"] > threshold).astype(np.uint8) * 255
+        if not cv2.imwrite(str(folder / f"{r.sample.name}_mask.png"), mask):
+            raise DataError(f"cannot write {folder / (r.sample.name + '_mask.png')}")
+
+
+def write_json(payload: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def evaluate(trained: TrainedModel, data: str, method: str, max_iters: int | None = None,
+             progress: bool = True) -> tuple[dict[str, Any], list[SampleResult]]:
+    """Evaluate ``trained`` with ``method`` on the test set of ``data``."""
+    source = load_source(data, size=trained.config.size)
+    if source.channels != trained.config.channels:
+        raise DataError(f"{data} has {source.channels}-channel images; the model expects "
+                        f"{trained.config.channels}")
+    samples = source.test()
+    config = projection_config(trained, max_iters=max_iters) if method == "projection" else None
+    start = time.perf_counter()
+    results = run_on_samples(trained, samples, method, config, progress)
+    seconds = time.perf_counter() - start
+    report = {"model": str(trained.path), "family": trained.config.family, "data": data, "method": method,
+              "projection": None if config is None else config.to_dict(),
+              "seconds": seconds, "images_per_second": len(samples) / seconds}
+    report.update(summarise(trained, results, method))
+    return report, results
+
+
+def evaluate_cli(run: str, data: str | None, method: str, json_path: str,
+                 maps_dir: str | None, max_iters: int | None = None) -> dict[str, Any]:
+    trained = load_model(run)
+    data = data or trained.train.get("data")
+    if not data:
+        raise ConfigError(f"{trained.path} does not record its training data; pass --data")
+    report, results = evaluate(trained, data, method, max_iters)
+    write_json(report, Path(json_path))
+    if maps_dir:
+        save_maps(results, trained, method, Path(maps_dir))
+    return report
