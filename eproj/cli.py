@@ -36,7 +36,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                decoder_variance=args.decoder_variance)
     train_config = TrainConfig(data=args.data, steps=args.steps, batch=args.batch, lr=args.lr,
                                seed=args.seed, checkpoint_every=args.checkpoint_every,
-                               weights=args.weights)
+                               weights=args.weights, kl_warmup=args.kl_warmup)
     out = train(args.out, model_config, train_config, calibrate_after=not args.no_calibrate)
     print(f"wrote {out}")
     return 0
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kl-warmup", type=int, default=2000,
+                   help="steps over which the KL weight of vae/gvae ramps from 0 to 1 (0: none)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=250)
     p.add_argument("--weights", choices=("float32", "float16"), default="float32",
                    help="dtype of the weights in model.pt (float16 halves its size)")

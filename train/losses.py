@@ -136,8 +136,13 @@ def reconstruction_loss(model: Autoencoder, x: torch.Tensor) -> tuple[torch.Tens
     return reconstruction_term(model, x, reconstruction), reconstruction
 
 
-def training_loss(model: Autoencoder, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Scalar loss (mean over the batch) that training minimises, and values to log."""
+def training_loss(model: Autoencoder, x: torch.Tensor,
+                  kl_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scalar loss (mean over the batch) that training minimises, and values to log.
+
+    ``kl_scale`` multiplies the KL term of the variational families (the trainer
+    ramps it from 0 to 1 during the KL warm-up, against posterior collapse).
+    """
     cfg = model.config
     mu, logvar = model.encode(x)
     if not cfg.variational:
@@ -149,7 +154,7 @@ def training_loss(model: Autoencoder, x: torch.Tensor) -> tuple[torch.Tensor, di
     if cfg.family == "vae":  # Gaussian negative log-likelihood of fixed variance, constants dropped
         rec = rec / (2.0 * cfg.decoder_variance)
     kl = kl_divergence(mu, logvar)
-    weight = cfg.beta if cfg.family == "vae" else 1.0
+    weight = kl_scale * (cfg.beta if cfg.family == "vae" else 1.0)
     loss = (rec + weight * kl).mean()
     logs = {"rec": float(rec.detach().mean()), "kl": float(kl.detach().mean())}
     if cfg.family == "gvae":

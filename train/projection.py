@@ -169,7 +169,7 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
                 for i in torch.nonzero(hit).flatten().tolist():
                     reasons[i] = "threshold"
                 done |= hit
-            if config.energy_tol > 0:
+            if config.energy_tol > 0 and t > 0:
                 flat = active & ~done & ((previous - energy).abs() <= config.energy_tol * previous.abs())
                 for i in torch.nonzero(flat).flatten().tolist():
                     reasons[i] = "converged"

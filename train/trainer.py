@@ -32,6 +32,7 @@ class TrainConfig:
     lr: float = 1e-4
     seed: int = 0
     checkpoint_every: int = 250
+    kl_warmup: int = 2000  # steps over which the KL weight ramps linearly from 0 to 1
     weights: str = "float32"  # dtype of the weights written to model.pt
 
     def __post_init__(self) -> None:
@@ -43,6 +44,8 @@ class TrainConfig:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint interval must be >= 1, got {self.checkpoint_every}")
+        if self.kl_warmup < 0:
+            raise ConfigError(f"KL warm-up must be >= 0 steps, got {self.kl_warmup}")
         if self.weights not in ("float32", "float16"):
             raise ConfigError(f"weights must be float32 or float16, got {self.weights!r}")
 
@@ -102,7 +105,8 @@ def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainCon
             rng = np.random.default_rng([train_config.seed, step])
             torch.manual_seed(train_config.seed * 1_000_003 + step)
             x = torch.from_numpy(source.train_batch(rng, train_config.batch))
-            loss, logs = training_loss(model, x)
+            kl_scale = min(1.0, (step + 1) / train_config.kl_warmup) if train_config.kl_warmup else 1.0
+            loss, logs = training_loss(model, x, kl_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

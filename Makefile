@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv if
+# missing and installs what it needs (torch pinned to the CPU build first, then
+# eproj editable with its extras); afterwards .venv/bin/eproj is the CLI.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml CMakeLists.txt | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/eproj demo --out demo-out
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out build

@@ -1,0 +1,98 @@
+"""End to end through the CLI on a tiny model: train, resume, calibrate, eval, errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from eproj.cli import main
+from eproj.train.checkpoint import load_model, load_payload
+
+
+def _train(folder, out, steps, *extra):
+    return main(["--threads", "1", "train", "--data", f"mvtec:{folder}", "--model", "l2ae", "--size", "32",
+                 "--latent", "8", "--steps", str(steps), "--batch", "4", "--lr", "1e-3",
+                 "--checkpoint-every", "2", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import make_mvtec
+
+    root = tmp_path_factory.mktemp("cli")
+    folder = make_mvtec(root / "mvtec" / "pill", n_train=6)
+    run = root / "run"
+    assert _train(folder, run, 3, "--no-calibrate") == 0
+    assert load_payload(run / "checkpoint.pt", "eproj-checkpoint")["step"] == 3
+    assert not (run / "model.pt").exists()
+    assert _train(folder, run, 6) == 0  # resumes from step 3, then calibrates
+    return folder, run
+
+
+def test_train_resumes_and_calibrates(trained_run):
+    _, run = trained_run
+    assert load_payload(run / "checkpoint.pt", "eproj-checkpoint")["step"] == 6
+    trained = load_model(run)
+    cal = trained.calibration
+    assert cal["stop_threshold"] == cal["lr_stats"]["min"] > 0
+    assert cal["lr_stats"]["q0.5"] >= cal["lr_stats"]["min"]
+    for method in ("reconstruction", "projection"):
+        assert set(cal["segmentation"][method]) == {"dssim", "l2", "score"}
+    assert trained.train["data"].startswith("mvtec:")
+
+
+def test_resume_is_identical_to_an_uninterrupted_run(trained_run, tmp_path):
+    folder, run = trained_run
+    assert _train(folder, tmp_path / "straight", 6, "--no-calibrate") == 0
+    a = load_payload(run / "checkpoint.pt", "eproj-checkpoint")["model"]
+    b = load_payload(tmp_path / "straight" / "checkpoint.pt", "eproj-checkpoint")["model"]
+    for key in a:
+        np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["reconstruction", "projection"])
+def test_eval_writes_metrics_and_maps(trained_run, tmp_path, method):
+    _, run = trained_run
+    out = tmp_path / "r.json"
+    maps = tmp_path / "maps"
+    assert main(["eval", str(run), "--method", method, "--json", str(out), "--save-maps", str(maps),
+                 "--max-iters", "5"]) == 0
+    report = json.loads(out.read_text())
+    assert report["method"] == method
+    m = report["metrics"]["dssim"]
+    assert 0 <= m["pixel_auroc"] <= 1 and 0 <= m["aupro_0.3"] <= 1 and m["image_auroc"] is not None
+    assert set(report["metrics"]) == {"dssim", "l2"}
+    assert report["iterations"]["max"] <= 5
+    if method == "reconstruction":
+        assert report["iterations"]["max"] == 0
+    names = sorted(i["name"] for i in report["images"])
+    assert names == ["crack_000", "crack_001", "good_000", "good_001"]
+    for name in names:
+        amap = np.load(maps / f"{name}.npy")
+        assert amap.shape == (32, 32) and amap.dtype == np.float32
+        assert (maps / f"{name}_mask.png").is_file()
+
+
+def test_cli_errors_are_clear(trained_run, tmp_path, capsys):
+    folder, run = trained_run
+    assert main(["eval", str(run), "--data", f"mvtec:{tmp_path / 'missing'}", "--json",
+                 str(tmp_path / "x.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert _train(folder, run, 6, "--latent", "9") == 2  # a run started with other options
+    assert "Use the same options to resume" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.pt").write_bytes(b"garbage")
+    assert main(["eval", str(tmp_path / "bad"), "--data", f"mvtec:{folder}", "--json", str(tmp_path / "y.json")]) == 2
+    assert "corrupted" in capsys.readouterr().err
+    assert main(["train", "--data", "textures:brick", "--model", "l2ae", "--size", "100", "--out",
+                 str(tmp_path / "z")]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_wrong_channels_between_model_and_data(trained_run, tmp_path, capsys):
+    from conftest import make_mvtec
+
+    _, run = trained_run
+    rgb = make_mvtec(tmp_path / "rgb" / "pill", channels=3)
+    assert main(["eval", str(run), "--data", f"mvtec:{rgb}", "--json", str(tmp_path / "o.json")]) == 2
+    assert "3-channel images; the model expects 1" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from eproj.train import metrics
+
+
+def test_pixel_auroc_hand_case_and_masks_without_truth_are_skipped():
+    maps = [np.array([[0.1, 0.4], [0.35, 0.8]]), np.array([[9.0, 9.0], [9.0, 9.0]])]
+    masks = [np.array([[0, 0], [1, 1]], bool), None]
+    # positives 0.35, 0.8; negatives 0.1, 0.4: 3 of 4 pairs ordered correctly
+    assert metrics.pixel_auroc(maps, masks) == pytest.approx(0.75)
+
+
+def test_pixel_auroc_agrees_with_sklearn_on_random_data():
+    rng = np.random.default_rng(0)
+    maps = [rng.random((16, 16)) for _ in range(4)]
+    masks = [rng.random((16, 16)) < 0.2 for _ in range(4)]
+    expected = roc_auc_score(np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps]))
+    assert metrics.pixel_auroc(maps, masks) == pytest.approx(expected)
+
+
+def test_single_class_gives_none():
+    maps = [np.random.rand(4, 4)]
+    assert metrics.pixel_auroc(maps, [np.zeros((4, 4), bool)]) is None
+    assert metrics.aupro(maps, [np.zeros((4, 4), bool)]) is None
+    assert metrics.image_auroc(np.array([0.1, 0.2]), np.array([1, 1])) is None
+
+
+def test_pro_curve_is_the_mean_region_overlap():
+    # two regions: a 1-pixel one (score 0.9) and a 3-pixel one (scores 0.8, 0.2, 0.2)
+    amap = np.array([[0.9, 0.0, 0.8, 0.2, 0.2, 0.1, 0.3, 0.05]])
+    mask = np.array([[1, 0, 1, 1, 1, 0, 0, 0]], bool)
+    fpr, pro = metrics.pro_curve([amap], [mask])
+    # at threshold 0.8: region A fully covered (1), region B 1/3 -> PRO = 2/3, no false positive
+    at = np.searchsorted(fpr, 0.0, side="right") - 1
+    assert pro[at] == pytest.approx(2 / 3)
+    assert pro[-1] == pytest.approx(1.0) and fpr[-1] == pytest.approx(1.0)
+
+
+def test_aupro_perfect_and_hand_computed():
+    mask = np.zeros((10, 10), bool)
+    mask[2:4, 2:4] = True
+    perfect = mask.astype(float)
+    assert metrics.aupro([perfect], [mask]) == pytest.approx(1.0)
+    # region detected only at scores that also flag every normal pixel: PRO = 0 until FPR = 1
+    inverted = 1.0 - mask.astype(float)
+    assert metrics.aupro([inverted], [mask]) == pytest.approx(0.0)
+    # half the region above every normal pixel, half below all of them:
+    # PRO = 0.5 over [0, 0.3], so the normalised area is 0.5
+    half = np.full((10, 10), 0.5)
+    half[2:4, 2] = 1.0
+    half[2:4, 3] = 0.0
+    assert metrics.aupro([half], [mask]) == pytest.approx(0.5)
+
+
+def test_fpr_at_tpr_best_f1_iou_hand_cases():
+    amap = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    mask = np.array([[1, 0, 1, 0, 0]], bool)
+    # TPR reaches 1 at threshold 0.7, where 1 of 3 negatives is above: FPR 1/3
+    assert metrics.fpr_at_tpr([amap], [mask], 0.99) == pytest.approx(1 / 3)
+    f1, threshold = metrics.best_f1([amap], [mask])
+    # threshold 0.9: P=1, R=.5, F1=2/3; threshold 0.7: P=2/3, R=1, F1=0.8
+    assert f1 == pytest.approx(0.8) and threshold == pytest.approx(0.7)
+    # prediction > 0.65: pixels 0, 1, 2 -> intersection 2, union 3
+    assert metrics.iou([amap], [mask], 0.65) == pytest.approx(2 / 3)
+
+
+def test_image_auroc_and_all_metrics_keys():
+    assert metrics.image_auroc(np.array([0.1, 0.9, 0.4]), np.array([0, 1, 1])) == pytest.approx(1.0)
+    rng = np.random.default_rng(1)
+    maps = [rng.random((8, 8)) for _ in range(3)]
+    masks = [np.zeros((8, 8), bool), rng.random((8, 8)) < 0.3, rng.random((8, 8)) < 0.3]
+    out = metrics.all_metrics(maps, masks, np.array([m.max() for m in maps]), np.array([0, 1, 1]), 0.5)
+    assert set(out) == {"pixel_auroc", "aupro_0.3", "image_auroc", "fpr_at_tpr_0.99", "fpr_at_tpr_0.995",
+                        "best_f1", "best_f1_threshold", "iou", "threshold"}
+    assert all(v is None or 0 <= v <= 1 for v in out.values())

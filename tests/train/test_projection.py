@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from eproj.errors import ConfigError
+from eproj.train.projection import ProjectionConfig, energy_terms, project
+
+FAMILIES = ("l2ae", "dsae", "vae", "gvae")
+
+
+def _energy(model, x, x0, lam):
+    from eproj.train.losses import reconstruction_loss
+
+    return reconstruction_loss(model, x)[0] + lam * (x - x0).abs().flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_energy_gradient_against_finite_differences(tiny_model, family):
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 1, 32, 32, generator=g, dtype=torch.float64)
+    x = (x0 + 0.1 * torch.randn(x0.shape, generator=g, dtype=torch.float64)).clamp(0.05, 0.95)
+    lam = 0.05
+    energy, loss, rec, grad = energy_terms(model, x, x0, lam)
+    torch.testing.assert_close(energy, _energy(model, x, x0, lam))
+    eps = 1e-6
+    for _ in range(6):
+        idx = tuple(int(torch.randint(0, s, (1,), generator=g)) for s in x.shape)
+        xp, xm = x.clone(), x.clone()
+        xp[idx] += eps
+        xm[idx] -= eps
+        numeric = (_energy(model, xp, x0, lam)[idx[0]] - _energy(model, xm, x0, lam)[idx[0]]) / (2 * eps)
+        assert float(grad[idx]) == pytest.approx(float(numeric), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("weighting,step,alpha", [("hadamard", "plain", 0.5), ("none", "plain", 0.002),
+                                                  ("hadamard", "adam", 0.002), ("none", "adam", 0.002)])
+def test_projection_lowers_the_energy(tiny_model, weighting, step, alpha):
+    model = tiny_model("l2ae")
+    x0 = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    config = ProjectionConfig(alpha=alpha, weighting=weighting, step=step, max_iters=15)
+    start = _energy(model, x0, x0, config.lam)
+    result = project(model, x0, config)
+    end = _energy(model, result.projection, x0, config.lam)
+    assert (end < start).all()
+    torch.testing.assert_close(result.energy, end)
+    assert (result.iterations == 15).all()
+    assert result.stop_reason == ["max_iters"] * 3
+    assert float(result.projection.min()) >= 0 and float(result.projection.max()) <= 1
+
+
+def test_pixels_outside_the_known_mask_never_change(tiny_model):
+    model = tiny_model("vae")
+    x0 = torch.rand(2, 1, 32, 32, dtype=torch.float64)
+    mask = torch.zeros(2, 1, 32, 32, dtype=torch.float64)
+    mask[:, :, 8:20, 5:25] = 1
+    for step in ("plain", "adam"):
+        config = ProjectionConfig(alpha=0.01, weighting="mask", step=step, max_iters=10)
+        out = project(model, x0, config, mask=mask).projection
+        assert torch.equal(out[mask == 0], x0[mask == 0])
+        assert not torch.equal(out[mask == 1], x0[mask == 1])
+
+
+def test_per_sample_stopping(tiny_model):
+    model = tiny_model("l2ae")
+    x0 = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x0[1] = model(x0[1:2]).detach()[0]  # already on the manifold: Lr tiny
+    lr0 = _energy(model, x0, x0, 0.0)
+    threshold = float(lr0[1]) * 1.01
+    assert float(lr0[0]) > threshold and float(lr0[2]) > threshold
+    config = ProjectionConfig(alpha=0.5, max_iters=5, stop_threshold=threshold)
+    result = project(model, x0, config)
+    assert int(result.iterations[1]) == 0 and result.stop_reason[1] == "threshold"
+    assert torch.equal(result.projection[1], x0[1])
+    assert (result.iterations[[0, 2]] > 0).all()
+    # the others evolve exactly as they would alone: finished samples do not disturb the batch
+    alone = project(model, x0[[0, 2]], config)
+    torch.testing.assert_close(alone.projection, result.projection[[0, 2]])
+    torch.testing.assert_close(alone.iterations, result.iterations[[0, 2]])
+
+
+def test_energy_convergence_stops_a_sample(tiny_model):
+    model = tiny_model("l2ae")
+    x0 = torch.rand(2, 1, 32, 32, dtype=torch.float64)
+    result = project(model, x0, ProjectionConfig(alpha=1e-9, energy_tol=1e-3, max_iters=50))
+    assert result.stop_reason == ["converged", "converged"]
+    assert (result.iterations == 1).all()
+
+
+def test_bad_projection_arguments(tiny_model):
+    model = tiny_model("l2ae")
+    x0 = torch.rand(1, 1, 32, 32, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="mask"):
+        project(model, x0, ProjectionConfig(weighting="mask"))
+    with pytest.raises(ConfigError, match="mask"):
+        project(model, x0, ProjectionConfig(), mask=torch.ones_like(x0))
+    with pytest.raises(ConfigError, match=r"\(N, 1 or C, H, W\)"):
+        project(model, x0, ProjectionConfig(weighting="mask"), mask=torch.ones(1, 1, 16, 16))
+    with pytest.raises(ConfigError, match="N, C, H, W"):
+        project(model, x0[0], ProjectionConfig())
+    for bad in (dict(alpha=0), dict(step="lbfgs"), dict(weighting="x"), dict(max_iters=-1), dict(lam=-1)):
+        with pytest.raises(ConfigError):
+            ProjectionConfig(**bad)

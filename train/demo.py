@@ -1,0 +1,165 @@
+"""The demo: plain reconstruction against projection on the embedded textures.
+
+For every shipped model (``eproj/models/<texture>-<family>.pt``, each produced
+by the command in ``SHIPPED``) it evaluates both methods on the texture's test
+set, writes ``report.json`` and one PNG panel per model, and prints a table.
+``--train`` retrains the models from scratch with the same commands first.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from eproj import __version__
+from eproj.errors import CheckpointError, DataError
+from eproj.train.checkpoint import TrainedModel, load_model
+from eproj.train.evaluate import SampleResult, evaluate, write_json
+from eproj.train.models import ModelConfig
+
+MODELS_DIR = Path(str(resources.files("eproj") / "models"))
+
+# name -> (data, family, steps, lr): `eproj train --data DATA --model FAMILY --steps STEPS
+# --lr LR --weights float16 --out runs/NAME` reproduces eproj/models/NAME.pt (= runs/NAME/model.pt).
+SHIPPED: dict[str, tuple[str, str, int, float]] = {
+    "brick-l2ae": ("textures:brick", "l2ae", 16000, 2e-4),
+    "grass-l2ae": ("textures:grass", "l2ae", 16000, 2e-4),
+    "brick-vae": ("textures:brick", "vae", 16000, 2e-4),
+    "grass-vae": ("textures:grass", "vae", 16000, 2e-4),
+}
+PANEL_ROWS = 6
+CELL = 192
+COLUMNS = ("input", "reconstruction", "projection", "DSSIM recon.", "DSSIM proj.",
+           "mask recon.", "mask proj.")
+
+
+def train_command(name: str) -> str:
+    data, family, steps, lr = SHIPPED[name]
+    return (f"eproj train --data {data} --model {family} --steps {steps} --lr {lr:g} "
+            f"--weights float16 --out runs/{name}")
+
+
+def _gray_to_bgr(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) float [0, 1] -> (CELL, CELL, 3) uint8 BGR."""
+    img = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.shape[2] == 1 else img[:, :, ::-1].copy()
+    return cv2.resize(img, (CELL, CELL), interpolation=cv2.INTER_LINEAR)
+
+
+def _heat(amap: np.ndarray, vmax: float) -> np.ndarray:
+    scaled = np.clip(amap / max(vmax, 1e-6) * 255.0, 0, 255).astype(np.uint8)
+    return cv2.resize(cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO), (CELL, CELL),
+                      interpolation=cv2.INTER_NEAREST)
+
+
+def _mask_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """Input with the predicted mask tinted red and the ground-truth contour in green."""
+    base = _gray_to_bgr(image)
+    pred_big = cv2.resize(pred.astype(np.uint8), (CELL, CELL), interpolation=cv2.INTER_NEAREST).astype(bool)
+    base[pred_big] = (0.45 * base[pred_big] + 0.55 * np.array([40, 40, 255])).astype(np.uint8)
+    if truth is not None and truth.any():
+        big = cv2.resize(truth.astype(np.uint8), (CELL, CELL), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(base, contours, -1, (60, 220, 60), 2)
+    return base
+
+
+def _label(text: str, width: int, height: int = 28) -> np.ndarray:
+    strip = np.full((height, width, 3), 255, np.uint8)
+    cv2.putText(strip, text, (6, height - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (20, 20, 20), 1, cv2.LINE_AA)
+    return strip
+
+
+def panel(name: str, trained: TrainedModel, recon: list[SampleResult], proj: list[SampleResult]) -> np.ndarray:
+    """One picture per model: a row per chosen test image, the columns in ``COLUMNS``."""
+    defective = [i for i, r in enumerate(recon) if r.sample.label == 1]
+    good = [i for i, r in enumerate(recon) if r.sample.label == 0]
+    chosen = defective[:PANEL_ROWS - 1] + good[:1]
+    t_rec = trained.segmentation_threshold("reconstruction")
+    t_proj = trained.segmentation_threshold("projection")
+    rows = [np.concatenate([_label(c, CELL) for c in COLUMNS], axis=1)]
+    for i in chosen:
+        r, p = recon[i], proj[i]
+        image = r.sample.image
+        vmax = float(max(np.percentile(r.maps["dssim"], 99.9), np.percentile(p.maps["dssim"], 99.9)))
+        cells = [_gray_to_bgr(image), _gray_to_bgr(r.target), _gray_to_bgr(p.target),
+                 _heat(r.maps["dssim"], vmax), _heat(p.maps["dssim"], vmax),
+                 _mask_overlay(image, r.maps["dssim"] > t_rec, r.sample.mask),
+                 _mask_overlay(image, p.maps["dssim"] > t_proj, p.sample.mask)]
+        rows.append(_label(f"{r.sample.name}  (projection: {p.iterations:.0f} iterations)", CELL * len(COLUMNS)))
+        rows.append(np.concatenate(cells, axis=1))
+    title = _label(f"{name}: input, f(x0), projection, DSSIM maps (shared scale per row), "
+                   f"masks (red) with ground truth (green)", CELL * len(COLUMNS), 34)
+    return np.concatenate([title] + rows, axis=0)
+
+
+def _method_summary(report: dict[str, Any]) -> dict[str, Any]:
+    return {"metrics": report["metrics"], "iterations": report["iterations"],
+            "seconds": report["seconds"], "images": len(report["images"])}
+
+
+def _models(out: Path, retrain: bool, steps: int | None) -> dict[str, Path]:
+    if retrain:
+        from eproj.train.trainer import TrainConfig, train
+
+        paths = {}
+        for name, (data, family, default_steps, lr) in SHIPPED.items():
+            print(f"training {name}: {train_command(name)}")
+            config = ModelConfig(family=family, channels=1)
+            paths[name] = train(out / "runs" / name, config,
+                                TrainConfig(data=data, steps=steps or default_steps, lr=lr, weights="float16"))
+        return paths
+    paths = {name: MODELS_DIR / f"{name}.pt" for name in SHIPPED}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"shipped models missing: {', '.join(missing)}; run `eproj demo --train`")
+    return paths
+
+
+def print_table(report: dict[str, Any]) -> None:
+    header = f"{'model':<12} {'method':<15} {'pixAUROC':>9} {'AUPRO':>7} {'imgAUROC':>9} {'bestF1':>7} {'iters':>6} {'s':>6}"
+    print(header)
+    print("-" * len(header))
+    for name, entry in report["models"].items():
+        for method in ("reconstruction", "projection"):
+            m = entry[method]["metrics"]["dssim"]
+            fmt = lambda v: "   n/a" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"{name:<12} {method:<15} {fmt(m['pixel_auroc']):>9} {fmt(m['aupro_0.3']):>7} "
+                  f"{fmt(m['image_auroc']):>9} {fmt(m['best_f1']):>7} "
+                  f"{entry[method]['iterations']['mean']:>6.1f} {entry[method]['seconds']:>6.1f}")
+    verdict = report["projection_beats_reconstruction"]
+    print(f"\nprojection beats reconstruction in pixel AUROC on {sum(verdict.values())}/{len(verdict)} models")
+
+
+def run_demo(out: Path, retrain: bool = False, steps: int | None = None) -> dict[str, Any]:
+    """Evaluate both methods for every demo model; write report.json and panels into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"eproj": __version__, "map": "dssim", "models": {},
+                              "projection_beats_reconstruction": {}}
+    for name, path in _models(out, retrain, steps).items():
+        trained = load_model(path)
+        data = trained.train.get("data")
+        if not data:
+            raise DataError(f"{path} does not record its training data")
+        recon_report, recon = evaluate(trained, data, "reconstruction")
+        proj_report, proj = evaluate(trained, data, "projection")
+        report["models"][name] = {
+            "model": str(path), "data": data, "family": trained.config.family,
+            "train_command": train_command(name), "steps": trained.train.get("steps"),
+            "reconstruction": _method_summary(recon_report), "projection": _method_summary(proj_report),
+        }
+        a_rec = recon_report["metrics"]["dssim"]["pixel_auroc"]
+        a_proj = proj_report["metrics"]["dssim"]["pixel_auroc"]
+        report["projection_beats_reconstruction"][name] = bool(a_proj is not None and a_rec is not None
+                                                               and a_proj > a_rec)
+        picture = out / f"{name}.png"
+        if not cv2.imwrite(str(picture), panel(name, trained, recon, proj)):
+            raise DataError(f"cannot write {picture}")
+        write_json(report, out / "report.json")  # after every model: nothing is lost on interruption
+    print_table(report)
+    print(f"\nwrote {out / 'report.json'} and {len(report['models'])} panels in {out}")
+    return report
