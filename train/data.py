@@ -2,7 +2,7 @@
 
 - ``textures:NAME`` (NAME in ``brick``, ``grass``: the 512x512 textures
   scikit-image ships) or ``textures:PATH`` (any texture image): disjoint train,
-  validation and test regions; test crops get seeded synthetic defects with exact
+  validation and test strips (top half, next quarter, bottom quarter); test crops get seeded synthetic defects with exact
   masks (``eproj.train.defects``).
 - ``mvtec:PATH/CATEGORY``: the MVTec AD layout (``train/good``,
   ``test/<defect>``, ``ground_truth/<defect>/<stem>_mask.png``).
@@ -144,11 +144,13 @@ class DataSource:
 
 
 class TextureSource(DataSource):
-    """A texture image split into disjoint regions.
+    """A texture image split into disjoint horizontal strips.
 
-    The texture (subsampled to 512 on its shorter side) is cut into the top-left
-    3/4 x 3/4 for training, the top-right strip for validation and the bottom
-    strip for testing; test crops get seeded synthetic defects.
+    The texture (subsampled to 512 on its shorter side) is cut into the top half
+    for training, the next quarter for validation and the bottom quarter for
+    testing, so that validation and test crops come from alike, adjacent strips.
+    Training crops are flipped at random (textures look alike mirrored); test
+    crops get seeded synthetic defects.
     """
 
     kind = "texture"
@@ -157,19 +159,26 @@ class TextureSource(DataSource):
                  n_test: int = 48, n_validation: int = 12, defect_rate: float = 0.75, seed: int = 0):
         self.spec, self.size, self.channels = spec, size, texture.shape[2]
         h, w = texture.shape[:2]
-        th, tw = (3 * h) // 4, (3 * w) // 4
-        if min(h - th, w - tw) < size:
+        train_end, validation_end = h // 2, (3 * h) // 4
+        if min(h - validation_end, w) < size:
             raise DataError(f"texture {spec} is {w}x{h}; its validation and test strips "
-                            f"({w - tw} and {h - th} px) must be at least the model size {size}")
-        self.train_region = texture[:th, :tw]
-        self.validation_region = texture[:th, tw:]
-        self.test_region = texture[th:, :]
+                            f"({w}x{h - validation_end}) must be at least the model size {size}")
+        self.train_region = texture[:train_end]
+        self.validation_region = texture[train_end:validation_end]
+        self.test_region = texture[validation_end:]
         self.foreign = foreign
         self.n_test, self.n_validation = n_test, n_validation
         self.defect_rate, self.seed = defect_rate, seed
 
     def train_batch(self, rng: np.random.Generator, batch: int) -> np.ndarray:
-        return _random_crops(rng, [self.train_region], batch, self.size)
+        crops = _random_crops(rng, [self.train_region], batch, self.size)
+        flips = rng.random((batch, 2)) < 0.5
+        for i, (horizontal, vertical) in enumerate(flips):
+            if horizontal:
+                crops[i] = crops[i, :, :, ::-1]
+            if vertical:
+                crops[i] = crops[i, :, ::-1, :]
+        return crops
 
     def train_sample(self, count: int, seed: int = 0) -> np.ndarray:
         return _random_crops(np.random.default_rng(seed), [self.train_region], count, self.size)

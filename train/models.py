@@ -40,6 +40,7 @@ ARCHITECTURES = ("bergmann", "zimmerer")
 _BERGMANN_ENCODER = ((32, 4, 2), (32, 4, 2), (32, 3, 1), (64, 4, 2), (64, 3, 1),
                      (128, 4, 2), (64, 3, 1), (32, 3, 1))
 _ZIMMERER_FEATURES = (16, 32, 64, 256)
+LOGVAR_INIT = -6.0  # initial bias of the encoder's log sigma^2 outputs
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,14 @@ class Autoencoder(nn.Module):
         latent_out = config.latent * (2 if config.variational else 1)
         build = _bergmann if config.architecture == "bergmann" else _zimmerer
         self.encoder, self.decoder = build(config, latent_out)
+        if config.variational:
+            # Start with a narrow posterior (std ~0.05): with log sigma^2 near 0 the
+            # sampled z is mostly noise and the decoder learns to ignore it
+            # (posterior collapse) before the encoder becomes informative.
+            last = self.encoder[-1]
+            assert isinstance(last, nn.Conv2d) and last.bias is not None
+            with torch.no_grad():
+                last.bias[config.latent:].fill_(LOGVAR_INIT)
         if config.family == "gvae":
             self.log_gamma = nn.Parameter(torch.zeros(()))
 

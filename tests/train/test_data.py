@@ -53,13 +53,23 @@ def test_folder_with_optional_masks(tmp_path):
 def test_texture_regions_are_disjoint_and_test_set_is_seeded():
     source = load_source("textures:brick", size=128)
     train, val, test = source.train_region, source.validation_region, source.test_region
-    assert train.shape[:2] == (384, 384) and val.shape[:2] == (384, 128) and test.shape[:2] == (128, 512)
+    assert train.shape[:2] == (256, 512) and val.shape[:2] == (128, 512) and test.shape[:2] == (128, 512)
     assert train.size + val.size + test.size == 512 * 512
     a, b = source.test(), load_source("textures:brick", size=128).test()
     assert [s.name for s in a] == [s.name for s in b]
     assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
     assert {s.defect for s in a} >= {"good", "scratch", "stain", "hole", "patch"}
     assert source.validation().shape == (12, 1, 128, 128)
+    batch = source.train_batch(np.random.default_rng(0), 64)
+    assert batch.shape == (64, 1, 128, 128) and batch.flags.c_contiguous
+    # every training crop, flipped or not, is a crop of the training strip
+    strip = train[:, :, 0]
+    for crop in batch[:8, 0]:
+        found = False
+        for c in (crop, crop[::-1], crop[:, ::-1], crop[::-1, ::-1]):
+            ys, xs = np.nonzero(np.isclose(strip[:-127, :-127], c[0, 0]))
+            found |= any(np.array_equal(strip[y:y + 128, x:x + 128], c) for y, x in zip(ys, xs))
+        assert found
 
 
 @pytest.mark.parametrize("kind", DEFECT_KINDS)

@@ -51,3 +51,13 @@ def test_config_round_trip_and_unknown_keys():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown"):
         ModelConfig.from_dict({**cfg.to_dict(), "depth": 3})
+
+
+@pytest.mark.parametrize("family", ["vae", "gvae"])
+def test_variational_posteriors_start_narrow(family):
+    from eproj.train.models import LOGVAR_INIT
+
+    model = build_model(ModelConfig(family=family, size=32, latent=8))
+    _, logvar = model.encode(torch.rand(4, 1, 32, 32))
+    # the bias dominates at initialisation: std ~ exp(LOGVAR_INIT / 2), far below 1
+    assert float(logvar.mean()) == pytest.approx(LOGVAR_INIT, abs=0.5)
