@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from eproj import __version__
 from eproj.errors import EprojError
 
 
@@ -67,7 +68,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     report = evaluate_cli(args.run, args.data, args.method, args.json, args.save_maps,
-                          max_iters=args.max_iters)
+                          max_iters=args.max_iters, alpha=args.alpha, lam=args.lam, step=args.step,
+                          weighting=args.weighting, energy_tol=args.energy_tol,
+                          stop_threshold=args.stop_threshold)
     print(json.dumps(report["metrics"]["dssim"], indent=2))
     return 0
 
@@ -85,6 +88,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eproj", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"eproj {__version__}")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -121,7 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or model.pt")
     p.add_argument("--data", default=None, help="default: the data the run trained on")
     p.add_argument("--method", choices=("reconstruction", "projection"), default="projection")
-    p.add_argument("--max-iters", type=_positive_int, default=None)
+    p.add_argument("--max-iters", type=_positive_int, default=None, help="iteration cap (default 100)")
+    p.add_argument("--alpha", type=float, default=None, help="step size (default 0.5)")
+    p.add_argument("--lam", type=float, default=None, help="weight of ||x - x0||_1 (default 0.05)")
+    p.add_argument("--step", choices=("plain", "adam"), default=None, help="default plain")
+    p.add_argument("--weighting", choices=("hadamard", "none"), default=None, help="default hadamard")
+    p.add_argument("--energy-tol", type=float, default=None,
+                   help="stop a sample when its relative energy change falls under this (default 0: off)")
+    p.add_argument("--stop-threshold", type=float, default=None,
+                   help="stop a sample when Lr falls under this (default: the training-set minimum)")
     p.add_argument("--json", required=True, help="where to write the metrics")
     p.add_argument("--save-maps", default=None, help="folder for per-image maps (.npy) and masks (.png)")
     p.set_defaults(func=_cmd_eval)

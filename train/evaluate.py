@@ -47,11 +47,12 @@ def projection_config(trained: TrainedModel, **overrides: Any) -> ProjectionConf
 @dataclass
 class MethodOutput:
     """Per image of a batch: ``target`` (N, C, S, S) the image compared with x0;
-    ``maps`` kind -> (N, S, S); ``iterations`` (N,) int."""
+    ``maps`` kind -> (N, S, S); ``iterations`` (N,) int; ``stop_reason`` (N,) str."""
 
     target: np.ndarray
     maps: dict[str, np.ndarray]
     iterations: np.ndarray
+    stop_reason: list[str]
 
 
 def run_method(model: Autoencoder, images: np.ndarray, method: str,
@@ -62,35 +63,39 @@ def run_method(model: Autoencoder, images: np.ndarray, method: str,
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if method == "projection" and config is None:
         raise ConfigError("the projection method needs a ProjectionConfig")
-    targets, dssim, l2, iterations = [], [], [], []
+    targets, dssim, l2, iterations, reasons = [], [], [], [], []
     chunks = range(0, len(images), batch)
     for start in tqdm(chunks, desc=desc or method, unit="batch", disable=not progress, leave=False):
         x0 = torch.from_numpy(np.ascontiguousarray(images[start:start + batch]))
         if method == "projection":
             result = project(model, x0, config)
             target, its = result.projection, result.iterations.numpy()
+            reasons += result.stop_reason
         else:
             with torch.no_grad():
                 target = model(x0)
             its = np.zeros(len(x0), np.int64)
+            reasons += ["none"] * len(x0)
         with torch.no_grad():
             dssim.append(dssim_map(x0, target).numpy())
             l2.append(l2_map(x0, target).numpy())
         targets.append(target.detach().numpy())
         iterations.append(its)
     return MethodOutput(np.concatenate(targets), {"dssim": np.concatenate(dssim), "l2": np.concatenate(l2)},
-                        np.concatenate(iterations))
+                        np.concatenate(iterations), reasons)
 
 
 @dataclass
 class SampleResult:
-    """One test image after a method: maps kind -> (H, W); target (H, W, C); score = max DSSIM."""
+    """One test image after a method: maps kind -> (H, W); target (H, W, C); score = max DSSIM;
+    iterations and stop reasons of its tiles."""
 
     sample: TestSample
     maps: dict[str, np.ndarray]
     target: np.ndarray
     iterations: float
     score: float
+    stop_reasons: list[str]
 
 
 def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str,
@@ -115,7 +120,7 @@ def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str
         maps = {k: untile(v[idx], shape) for k, v in out.maps.items()}
         target = untile(out.target[idx].transpose(0, 2, 3, 1), shape)
         results.append(SampleResult(s, maps, target, float(out.iterations[idx].mean()),
-                                    float(maps["dssim"].max())))
+                                    float(maps["dssim"].max()), [out.stop_reason[j] for j in idx]))
     return results
 
 
@@ -129,10 +134,14 @@ def summarise(trained: TrainedModel, results: list[SampleResult], method: str) -
         scores = np.array([m.max() for m in maps])
         metrics[kind] = all_metrics(maps, masks, scores, labels, trained.segmentation_threshold(method, kind))
     its = np.array([r.iterations for r in results])
+    counts, edges = np.histogram(its, bins=10)
+    reasons = [reason for r in results for reason in r.stop_reasons]
     return {
         "metrics": metrics,
         "iterations": {"mean": float(its.mean()), "median": float(np.median(its)),
-                       "p90": float(np.percentile(its, 90)), "min": float(its.min()), "max": float(its.max())},
+                       "p90": float(np.percentile(its, 90)), "min": float(its.min()), "max": float(its.max()),
+                       "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+                       "stop_reasons": {k: reasons.count(k) for k in sorted(set(reasons))}},
         "images": [{"name": r.sample.name, "defect": r.sample.defect, "label": r.sample.label,
                     "score": r.score, "iterations": r.iterations,
                     "flagged": bool(r.score > trained.calibration["segmentation"][method]["score"])}
@@ -158,15 +167,18 @@ def write_json(payload: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(trained: TrainedModel, data: str, method: str, max_iters: int | None = None,
-             progress: bool = True) -> tuple[dict[str, Any], list[SampleResult]]:
-    """Evaluate ``trained`` with ``method`` on the test set of ``data``."""
+def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = True,
+             **overrides: Any) -> tuple[dict[str, Any], list[SampleResult]]:
+    """Evaluate ``trained`` with ``method`` on the test set of ``data``.
+
+    ``overrides`` replace the model's stored projection parameters (see ProjectionConfig).
+    """
     source = load_source(data, size=trained.config.size)
     if source.channels != trained.config.channels:
         raise DataError(f"{data} has {source.channels}-channel images; the model expects "
                         f"{trained.config.channels}")
     samples = source.test()
-    config = projection_config(trained, max_iters=max_iters) if method == "projection" else None
+    config = projection_config(trained, **overrides) if method == "projection" else None
     start = time.perf_counter()
     results = run_on_samples(trained, samples, method, config, progress)
     seconds = time.perf_counter() - start
@@ -178,12 +190,12 @@ def evaluate(trained: TrainedModel, data: str, method: str, max_iters: int | Non
 
 
 def evaluate_cli(run: str, data: str | None, method: str, json_path: str,
-                 maps_dir: str | None, max_iters: int | None = None) -> dict[str, Any]:
+                 maps_dir: str | None, **overrides: Any) -> dict[str, Any]:
     trained = load_model(run)
     data = data or trained.train.get("data")
     if not data:
         raise ConfigError(f"{trained.path} does not record its training data; pass --data")
-    report, results = evaluate(trained, data, method, max_iters)
+    report, results = evaluate(trained, data, method, **overrides)
     write_json(report, Path(json_path))
     if maps_dir:
         save_maps(results, trained, method, Path(maps_dir))

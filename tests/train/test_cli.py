@@ -96,3 +96,15 @@ def test_wrong_channels_between_model_and_data(trained_run, tmp_path, capsys):
     rgb = make_mvtec(tmp_path / "rgb" / "pill", channels=3)
     assert main(["eval", str(run), "--data", f"mvtec:{rgb}", "--json", str(tmp_path / "o.json")]) == 2
     assert "3-channel images; the model expects 1" in capsys.readouterr().err
+
+
+def test_eval_projection_parameters_override_the_stored_ones(trained_run, tmp_path):
+    _, run = trained_run
+    out = tmp_path / "p.json"
+    assert main(["eval", str(run), "--json", str(out), "--max-iters", "3", "--alpha", "0.01", "--step", "adam",
+                 "--lam", "0.1", "--stop-threshold", "0"]) == 0
+    report = json.loads(out.read_text())
+    p = report["projection"]
+    assert (p["alpha"], p["step"], p["lam"], p["max_iters"], p["stop_threshold"]) == (0.01, "adam", 0.1, 3, 0.0)
+    assert report["iterations"]["stop_reasons"] == {"max_iters": 4}
+    assert sum(report["iterations"]["histogram"]["counts"]) == 4
