@@ -47,3 +47,17 @@ def test_shipped_models_load_with_their_calibration(name):
     assert trained.config.family == family and trained.train["data"] == data
     assert trained.train["steps"] == steps
     assert trained.stop_threshold > 0
+
+
+@pytest.mark.slow
+def test_demo_train_retrains_from_scratch(monkeypatch, tmp_path):
+    from eproj.cli import main
+
+    monkeypatch.setattr(demo, "SHIPPED", {"grass-l2ae": ("textures:grass", "l2ae", 16000, 2e-4)})
+    monkeypatch.setattr(demo, "MODELS_DIR", tmp_path / "nothing-shipped")
+    assert main(["--threads", "2", "demo", "--train", "--steps", "2", "--out", str(tmp_path / "out")]) == 0
+    trained = load_model(tmp_path / "out" / "runs" / "grass-l2ae")
+    assert trained.train["steps"] == 2 and trained.train["weights"] == "float16"
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["models"]["grass-l2ae"]["model"] == str(tmp_path / "out" / "runs" / "grass-l2ae" / "model.pt")
+    assert (tmp_path / "out" / "grass-l2ae.png").is_file()
