@@ -26,10 +26,10 @@ MODELS_DIR = Path(str(resources.files("eproj") / "models"))
 # name -> (data, family, steps, lr): `eproj train --data DATA --model FAMILY --steps STEPS
 # --lr LR --weights float16 --out runs/NAME` reproduces eproj/models/NAME.pt (= runs/NAME/model.pt).
 SHIPPED: dict[str, tuple[str, str, int, float]] = {
-    "brick-l2ae": ("textures:brick", "l2ae", 16000, 2e-4),
-    "grass-l2ae": ("textures:grass", "l2ae", 16000, 2e-4),
-    "brick-vae": ("textures:brick", "vae", 16000, 2e-4),
-    "grass-vae": ("textures:grass", "vae", 16000, 2e-4),
+    "brick-l2ae": ("textures:brick", "l2ae", 12000, 2e-4),
+    "grass-l2ae": ("textures:grass", "l2ae", 12000, 2e-4),
+    "brick-vae": ("textures:brick", "vae", 12000, 2e-4),
+    "grass-vae": ("textures:grass", "vae", 12000, 2e-4),
 }
 PANEL_ROWS = 6
 CELL = 192

@@ -128,6 +128,29 @@ def _zimmerer(config: ModelConfig, latent_out: int) -> tuple[nn.Sequential, nn.S
     return nn.Sequential(*enc), nn.Sequential(*dec)
 
 
+def _he_init(model: nn.Module) -> None:
+    """He initialisation for LeakyReLU(0.2), zero biases.
+
+    PyTorch's default initialisation shrinks the signal through the nine layers
+    down to the 1x1 bottleneck, so a fresh model outputs a near-constant image
+    and training sits on that mean-image plateau for thousands of steps (and
+    the VAEs collapse there). Transposed convolutions use their true fan-in,
+    in_channels * k^2 / stride^2.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, a=0.2, mode="fan_in", nonlinearity="leaky_relu")
+        elif isinstance(module, nn.ConvTranspose2d):
+            # torch's "fan_out" of a transposed convolution's weight is in_channels * k^2
+            nn.init.kaiming_normal_(module.weight, a=0.2, mode="fan_out", nonlinearity="leaky_relu")
+            with torch.no_grad():
+                module.weight.mul_(module.stride[0])
+        else:
+            continue
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class Autoencoder(nn.Module):
     """An autoencoder of any family.
 
@@ -143,6 +166,7 @@ class Autoencoder(nn.Module):
         latent_out = config.latent * (2 if config.variational else 1)
         build = _bergmann if config.architecture == "bergmann" else _zimmerer
         self.encoder, self.decoder = build(config, latent_out)
+        _he_init(self)
         if config.variational:
             # Start with a narrow posterior (std ~0.05): with log sigma^2 near 0 the
             # sampled z is mostly noise and the decoder learns to ignore it

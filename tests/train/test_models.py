@@ -61,3 +61,14 @@ def test_variational_posteriors_start_narrow(family):
     _, logvar = model.encode(torch.rand(4, 1, 32, 32))
     # the bias dominates at initialisation: std ~ exp(LOGVAR_INIT / 2), far below 1
     assert float(logvar.detach().mean()) == pytest.approx(LOGVAR_INIT, abs=0.5)
+
+
+@pytest.mark.parametrize("architecture,size", [("bergmann", 128), ("zimmerer", 64)])
+def test_signal_reaches_the_bottleneck_at_initialisation(architecture, size):
+    # With PyTorch's default initialisation the bottleneck std is ~0.02 and training
+    # sits on a mean-image plateau for thousands of steps; He initialisation keeps it ~0.4.
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(architecture=architecture, size=size))
+    with torch.no_grad():
+        z, _ = model.encode(torch.rand(8, 1, size, size))
+    assert float(z.std()) > 0.2
