@@ -40,6 +40,8 @@ class TestSample:
     the pixel ground truth is unknown; ``label``: 0 good, 1 defective.
     """
 
+    __test__ = False  # not a pytest test class
+
     name: str
     image: np.ndarray
     mask: np.ndarray | None
