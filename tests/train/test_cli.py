@@ -108,3 +108,17 @@ def test_eval_projection_parameters_override_the_stored_ones(trained_run, tmp_pa
     assert (p["alpha"], p["step"], p["lam"], p["max_iters"], p["stop_threshold"]) == (0.01, "adam", 0.1, 3, 0.0)
     assert report["iterations"]["stop_reasons"] == {"max_iters": 4}
     assert sum(report["iterations"]["histogram"]["counts"]) == 4
+
+
+@pytest.mark.parametrize("options,expected", [
+    (["--model", "vae", "--beta", "2", "--size", "64"], {"family": "vae", "beta": 2.0, "architecture": "zimmerer"}),
+    (["--model", "gvae", "--size", "32"], {"family": "gvae", "architecture": "bergmann"}),
+    (["--model", "dsae", "--size", "32", "--latent", "4"], {"family": "dsae", "latent": 4}),
+])
+def test_every_family_trains_through_the_cli(trained_run, tmp_path, options, expected):
+    folder, _ = trained_run
+    out = tmp_path / "run"
+    assert main(["--threads", "1", "train", "--data", f"mvtec:{folder}", *options, "--steps", "2", "--batch", "2",
+                 "--out", str(out)]) == 0
+    config = load_model(out).config.to_dict()
+    assert {k: config[k] for k in expected} == expected
