@@ -193,7 +193,7 @@ class Autoencoder(nn.Module):
 
 
 def build_model(config: ModelConfig) -> Autoencoder:
-    """Build a fresh model for ``config`` (PyTorch default initialisation)."""
+    """Build a fresh model for ``config`` (He initialisation, see ``_he_init``)."""
     return Autoencoder(config)
 
 
