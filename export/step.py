@@ -1,0 +1,165 @@
+"""One projection step as an ordinary inference graph: x -> f(x), Lr(x), grad_x Lr(x).
+
+No exporter can export autograd, so the input gradient is written out layer by
+layer with forward operators only:
+
+- a convolution's input gradient is a transposed convolution with the same
+  weights (and a transposed convolution's is a convolution);
+- LeakyReLU's and the sigmoid's are elementwise factors of their outputs;
+- the DSAE's DSSIM loss is differentiated through its Gaussian moments. The
+  Gaussian filter with symmetric borders is linear along each axis, so it is
+  written as two banded matrices, filter(X) = A_h X A_w^T, whose adjoint is
+  A_h^T G A_w: matrix products only;
+- the gamma-VAE's Lr scales the squared residual by 1/(2 gamma^2).
+
+For the variational families the KL term and its input gradient are extra
+outputs. ``StepModule`` is checked against autograd on the reference
+definitions (``eproj.train.losses``) in ``tests/export/test_step.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eproj.train.losses import SSIM_K1, SSIM_K2, SSIM_SIGMA, SSIM_WINDOW, gaussian_taps
+from eproj.train.models import Autoencoder
+
+
+def gaussian_matrix(n: int, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """(n, n) float64 matrix A with (A v)_i = the Gaussian filter of v at i, symmetric borders.
+
+    Symmetric ("half-sample") borders mirror including the edge sample:
+    index -1 reads 0, -2 reads 1, n reads n - 1.
+    """
+    taps = gaussian_taps(window, sigma)
+    r = window // 2
+    if n < r:
+        raise ValueError(f"an axis of length {n} is shorter than the window radius {r}")
+    a = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for t in range(window):
+            j = i + t - r
+            if j < 0:
+                j = -j - 1
+            elif j >= n:
+                j = 2 * n - j - 1
+            a[i, j] += taps[t]
+    return a
+
+
+def _layer_input_grad(layer: nn.Module, grad_out: torch.Tensor, output: torch.Tensor,
+                      input_shape: torch.Size) -> torch.Tensor:
+    """Gradient at a layer's input from the gradient at its output (forward ops only)."""
+    if isinstance(layer, nn.LeakyReLU):
+        return torch.where(output > 0, grad_out, grad_out * layer.negative_slope)
+    if isinstance(layer, nn.Sigmoid):
+        return grad_out * output * (1.0 - output)
+    if isinstance(layer, nn.Conv2d):
+        s, p, k = layer.stride[0], layer.padding[0], layer.kernel_size[0]
+        out_h, out_w = grad_out.shape[-2:]
+        in_h, in_w = input_shape[-2:]
+        extra = (in_h - ((out_h - 1) * s - 2 * p + k), in_w - ((out_w - 1) * s - 2 * p + k))
+        return F.conv_transpose2d(grad_out, layer.weight, stride=s, padding=p, output_padding=extra)
+    if isinstance(layer, nn.ConvTranspose2d):
+        return F.conv2d(grad_out, layer.weight, stride=layer.stride, padding=layer.padding)
+    raise TypeError(f"no analytic input gradient for layer {type(layer).__name__}")
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of every layer, with the input first."""
+    values = [x]
+    for layer in layers:
+        values.append(layer(values[-1]))
+    return values
+
+
+def _backward(layers: nn.Sequential, values: list[torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
+    for i in range(len(layers) - 1, -1, -1):
+        grad = _layer_input_grad(layers[i], grad, values[i + 1], values[i].shape)
+    return grad
+
+
+class StepModule(nn.Module):
+    """x -> (reconstruction, loss, grad[, kl, kl_grad]) without autograd.
+
+    Args of forward:
+        x: (N, C, H, W) float images, H and W the model's input size.
+    Returns:
+        reconstruction f(x) (N, C, H, W); loss Lr(x) (N,); grad d Lr / dx (N, C, H, W);
+        for vae/gvae also kl (N,) and d kl / dx (N, C, H, W).
+    """
+
+    def __init__(self, model: Autoencoder) -> None:
+        super().__init__()
+        self.model = model
+        self.family = model.config.family
+        size = model.config.size
+        if self.family == "dsae":
+            dtype = next(model.parameters()).dtype
+            self.register_buffer("filter_matrix", gaussian_matrix(size).to(dtype))
+
+    def _gaussian(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.filter_matrix
+        return torch.matmul(torch.matmul(a, x), a.transpose(0, 1))
+
+    def _gaussian_adjoint(self, g: torch.Tensor) -> torch.Tensor:
+        a = self.filter_matrix
+        return torch.matmul(torch.matmul(a.transpose(0, 1), g), a)
+
+    def _dssim_loss(self, x: torch.Tensor, y: torch.Tensor):
+        """Sum over pixels of the channel-mean DSSIM, and its gradients w.r.t. x and y."""
+        c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+        ux, uy = self._gaussian(x), self._gaussian(y)
+        sxx, syy, sxy = self._gaussian(x * x), self._gaussian(y * y), self._gaussian(x * y)
+        a1 = 2 * ux * uy + c1
+        a2 = 2 * (sxy - ux * uy) + c2
+        b1 = ux * ux + uy * uy + c1
+        b2 = (sxx - ux * ux) + (syy - uy * uy) + c2
+        ssim = a1 * a2 / (b1 * b2)
+        channels = x.shape[1]
+        loss = ((1 - ssim) / 2).sum(dim=(1, 2, 3)) / channels
+        d_ssim = -0.5 / channels
+        d_a1 = d_ssim * a2 / (b1 * b2)
+        d_a2 = d_ssim * a1 / (b1 * b2)
+        d_b1 = -d_ssim * ssim / b1
+        d_b2 = -d_ssim * ssim / b2
+        d_ux = 2 * uy * d_a1 - 2 * uy * d_a2 + 2 * ux * d_b1 - 2 * ux * d_b2
+        d_uy = 2 * ux * d_a1 - 2 * ux * d_a2 + 2 * uy * d_b1 - 2 * uy * d_b2
+        g_sxx = self._gaussian_adjoint(d_b2)
+        g_sxy = self._gaussian_adjoint(2 * d_a2)
+        grad_x = self._gaussian_adjoint(d_ux) + 2 * x * g_sxx + y * g_sxy
+        grad_y = self._gaussian_adjoint(d_uy) + 2 * y * g_sxx + x * g_sxy
+        return loss, grad_x, grad_y
+
+    def forward(self, x: torch.Tensor):
+        model, cfg = self.model, self.model.config
+        encoded = _run(model.encoder, x)
+        h = encoded[-1]
+        mu = h[:, :cfg.latent] if cfg.variational else h
+        decoded = _run(model.decoder, mu)
+        reconstruction = decoded[-1]
+        if self.family == "dsae":
+            loss, grad_direct, grad_reconstruction = self._dssim_loss(x, reconstruction)
+        else:
+            residual = x - reconstruction
+            scale = 1.0
+            if self.family == "gvae":
+                scale = 0.5 * torch.exp(-2.0 * model.log_gamma)
+            loss = scale * (residual * residual).sum(dim=(1, 2, 3))
+            if self.family == "gvae":
+                loss = loss + x[0].numel() * model.log_gamma
+            grad_direct = 2.0 * scale * residual
+            grad_reconstruction = -grad_direct
+        grad_latent = _backward(model.decoder, decoded, grad_reconstruction)
+        if cfg.variational:
+            grad_latent = torch.cat([grad_latent, torch.zeros_like(grad_latent)], dim=1)
+        grad = grad_direct + _backward(model.encoder, encoded, grad_latent)
+        if not cfg.variational:
+            return reconstruction, loss, grad
+        logvar = h[:, cfg.latent:]
+        kl = 0.5 * (mu * mu + torch.exp(logvar) - 1.0 - logvar).sum(dim=(1, 2, 3))
+        grad_h = torch.cat([mu, 0.5 * (torch.exp(logvar) - 1.0)], dim=1)
+        kl_grad = _backward(model.encoder, encoded, grad_h)
+        return reconstruction, loss, grad, kl, kl_grad

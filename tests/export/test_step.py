@@ -1,0 +1,80 @@
+"""The analytic step module against autograd on the reference definitions."""
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+
+from eproj.export.step import StepModule, gaussian_matrix
+from eproj.train.losses import gaussian_filter, kl_divergence, reconstruction_loss
+from eproj.train.models import FAMILIES
+
+
+def _autograd(model, x):
+    xg = x.clone().requires_grad_(True)
+    loss, rec = reconstruction_loss(model, xg)
+    grad, = torch.autograd.grad(loss.sum(), xg)
+    out = {"reconstruction": rec.detach(), "loss": loss.detach(), "grad": grad}
+    if model.config.variational:
+        xk = x.clone().requires_grad_(True)
+        mu, logvar = model.encode(xk)
+        kl = kl_divergence(mu, logvar)
+        out["kl"], = kl.detach(),
+        out["kl_grad"], = torch.autograd.grad(kl.sum(), xk)
+    return out
+
+
+def _analytic(model, x):
+    names = ["reconstruction", "loss", "grad", "kl", "kl_grad"]
+    with torch.no_grad():
+        values = StepModule(model)(x)
+    return dict(zip(names, values))
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_gaussian_matrix_is_the_reference_filter():
+    x = torch.rand(2, 3, 20, 20, dtype=torch.float64)
+    a = gaussian_matrix(20)
+    torch.testing.assert_close(a @ x @ a.T, gaussian_filter(x))
+    torch.testing.assert_close(a.sum(dim=1), torch.ones(20, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("architecture,size", [("bergmann", 32), ("zimmerer", 64)])
+def test_step_matches_autograd_in_float64(tiny_model, family, architecture, size):
+    model = tiny_model(family, size=size, architecture=architecture)
+    x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want, got = _autograd(model, x), _analytic(model, x)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].shape == want[name].shape
+        assert _relative_error(got[name], want[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_matches_autograd_in_float32_on_real_rgb_images(family):
+    from eproj.train.models import ModelConfig, build_model
+
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(family=family, size=64, channels=3, latent=16)).eval()
+    astronaut = skdata.astronaut()[100:228:2, 150:278:2].astype(np.float32) / 255
+    x = torch.from_numpy(np.stack([astronaut, astronaut[::-1].copy()]).transpose(0, 3, 1, 2).copy())
+    want, got = _autograd(model, x), _analytic(model, x)
+    for name in want:
+        assert _relative_error(got[name], want[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("name", ["brick-l2ae", "grass-vae"])
+def test_step_matches_autograd_on_the_shipped_models(name):
+    from eproj.train import demo
+    from eproj.train.checkpoint import load_model
+
+    model = load_model(demo.MODELS_DIR / f"{name}.pt").model
+    texture = getattr(skdata, name.split("-")[0])()[384:512, :256].astype(np.float32) / 255
+    x = torch.from_numpy(np.stack([texture[:, :128], texture[:, 128:]])[:, None].copy())
+    want, got = _autograd(model, x), _analytic(model, x)
+    for key in want:
+        assert _relative_error(got[key], want[key]) <= 1e-4, key
