@@ -86,6 +86,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from eproj.export.onnx_graphs import export_bundle
+
+    print(f"wrote {export_bundle(args.run, args.out, opset=args.opset)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eproj", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"eproj {__version__}")
@@ -137,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, help="where to write the metrics")
     p.add_argument("--save-maps", default=None, help="folder for per-image maps (.npy) and masks (.png)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="write a bundle: ONNX encoder, decoder, step graph and manifest")
+    p.add_argument("run", help="run directory or model.pt")
+    p.add_argument("--out", required=True, help="bundle folder")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="reconstruction vs projection on the embedded textures")
     p.add_argument("--out", default="demo-out")

@@ -1,0 +1,100 @@
+"""Model bundles: a folder of ONNX graphs and the ``manifest.json`` that describes them.
+
+Shared by the export stage (which writes bundles) and the runtime (which reads
+them); it needs the standard library only. The manifest names the family, the
+input (size, channels, layout, value range), the Lr definition, the stop and
+segmentation thresholds from training, the default projection parameters, the
+opset, the eproj version and the SHA-256 of every file. ``load_manifest``
+refuses a bundle whose schema version, hashes or shapes do not match, and says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from eproj.errors import EprojError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_KEYS = ("schema_version", "eproj_version", "family", "input", "lr_definition", "stop_threshold",
+                 "segmentation", "projection", "opset", "files", "graphs")
+
+
+class BundleError(EprojError):
+    """A bundle is missing, tampered with, or of another schema version."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Hash every file named in ``manifest['graphs']`` and write ``manifest.json`` atomically."""
+    files = {}
+    for name in sorted({g["file"] for g in manifest["graphs"].values()}):
+        path = folder / name
+        files[name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+    payload = {"schema_version": SCHEMA_VERSION, **manifest, "files": files}
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise ValueError(f"manifest lacks {missing}")
+    out = folder / MANIFEST
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, out)
+    return out
+
+
+def load_manifest(folder: str | Path) -> dict[str, Any]:
+    """Read and verify a bundle's manifest: schema version, keys, and every file's hash and size."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{folder} is not a bundle: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc})") from exc
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{path} has schema version {version!r}; this eproj reads version {SCHEMA_VERSION}. "
+                          f"Export the bundle again with this eproj")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{path} lacks the keys {missing}")
+    for name, entry in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise BundleError(f"bundle file {file} is missing")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise BundleError(f"bundle file {file} has {size} bytes; the manifest says {entry['bytes']} "
+                              f"(truncated or replaced)")
+        digest = sha256(file)
+        if digest != entry["sha256"]:
+            raise BundleError(f"bundle file {file} has SHA-256 {digest[:16]}…; the manifest says "
+                              f"{entry['sha256'][:16]}… (modified after export)")
+    _check_shapes(manifest, path)
+    return manifest
+
+
+def _check_shapes(manifest: dict[str, Any], path: Path) -> None:
+    """The graphs' image tensors must have the shape the manifest's ``input`` declares."""
+    size, channels = manifest["input"]["size"], manifest["input"]["channels"]
+    expected = ["N", channels, size, size]
+    graphs = manifest["graphs"]
+    declared = {"step input x": graphs.get("step", {}).get("inputs", {}).get("x"),
+                "encoder input x": graphs.get("encoder", {}).get("inputs", {}).get("x"),
+                "decoder output reconstruction": graphs.get("decoder", {}).get("outputs", {}).get("reconstruction")}
+    for what, shape in declared.items():
+        if shape != expected:
+            raise BundleError(f"{path}: the {what} has shape {shape}; the manifest's input "
+                              f"(size {size}, {channels} channel(s)) means {expected}")

@@ -1,0 +1,139 @@
+"""Export a trained model to a bundle of ONNX graphs.
+
+``export_bundle`` writes, into one folder:
+
+- ``encoder.onnx``: x (N, C, S, S) -> mu (N, d) (and logvar (N, d) for vae/gvae);
+- ``decoder.onnx``: z (N, d) -> reconstruction (N, C, S, S);
+- ``step.onnx``: x -> reconstruction, loss (N,), grad (N, C, S, S) (and kl, kl_grad
+  for vae/gvae): one projection step without autograd (``eproj.export.step``);
+- ``manifest.json`` (``eproj.bundle``).
+
+N is dynamic in every graph. Each graph passes ``onnx.checker`` with full shape
+inference and uses only ``ALLOWED_OPS``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from eproj import __version__
+from eproj.bundle import write_manifest
+from eproj.export.operators import ALLOWED_OPS
+from eproj.export.step import StepModule
+from eproj.train.checkpoint import TrainedModel, load_model
+from eproj.train.models import Autoencoder
+
+DEFAULT_OPSET = 17
+LR_DEFINITIONS = {
+    "l2ae": "sum over pixels of (x - f(x))^2",
+    "vae": "sum over pixels of (x - f(x))^2, f at the encoder mean",
+    "dsae": "sum over pixels of the channel-mean DSSIM(x, f(x)), 11x11 Gaussian window, sigma 1.5, "
+            "K1 0.01, K2 0.03, symmetric borders",
+    "gvae": "sum over pixels of (x - f(x))^2 / (2 gamma^2) + D log gamma, f at the encoder mean",
+}
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: Autoencoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        mu, logvar = self.model.encode(x)
+        if logvar is None:
+            return mu.squeeze(3).squeeze(2)
+        return mu.squeeze(3).squeeze(2), logvar.squeeze(3).squeeze(2)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model: Autoencoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z[:, :, None, None])
+
+
+def graph_io(path: Path) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """Input and output shapes of an ONNX file; dynamic dims are their names."""
+    graph = onnx.load(str(path)).graph
+
+    def dims(value) -> list[Any]:
+        return [d.dim_param if d.dim_param else d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    return {v.name: dims(v) for v in graph.input}, {v.name: dims(v) for v in graph.output}
+
+
+def graph_ops(path: Path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def _pin_static_dims(path: Path, module: nn.Module, example: torch.Tensor) -> None:
+    """Declare every output dim but the batch as the static size it has (the exporter leaves some symbolic)."""
+    with torch.no_grad():
+        outputs = module(example)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    model = onnx.load(str(path))
+    for value, tensor in zip(model.graph.output, outputs):
+        for dim, size in list(zip(value.type.tensor_type.shape.dim, tensor.shape))[1:]:
+            dim.dim_value = int(size)
+    onnx.save(model, str(path))
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
+            output_names: list[str], opset: int) -> dict[str, Any]:
+    axes = {name: {0: "N"} for name in [input_name, *output_names]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=output_names,
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    _pin_static_dims(path, module, example)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    outside = graph_ops(path) - ALLOWED_OPS
+    if outside:
+        raise RuntimeError(f"{path.name} uses operators outside ALLOWED_OPS: {sorted(outside)}")
+    inputs, outputs = graph_io(path)
+    return {"file": path.name, "inputs": inputs, "outputs": outputs}
+
+
+def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Write the ONNX graphs and manifest of a trained model into folder ``out``; returns the manifest path."""
+    if not isinstance(trained, TrainedModel):
+        trained = load_model(trained)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = trained.model.float().eval()
+    cfg = model.config
+    x = torch.rand(2, cfg.channels, cfg.size, cfg.size)
+    variational = cfg.variational
+    graphs = {
+        "encoder": _export(_Encoder(model), x, out / "encoder.onnx", "x",
+                           ["mu", "logvar"] if variational else ["mu"], opset),
+        "decoder": _export(_Decoder(model), torch.rand(2, cfg.latent), out / "decoder.onnx", "z",
+                           ["reconstruction"], opset),
+        "step": _export(StepModule(model), x, out / "step.onnx", "x",
+                        ["reconstruction", "loss", "grad"] + (["kl", "kl_grad"] if variational else []), opset),
+    }
+    cal = trained.calibration
+    manifest = {
+        "eproj_version": __version__,
+        "family": cfg.family,
+        "model": cfg.to_dict(),
+        "input": {"size": cfg.size, "channels": cfg.channels, "layout": "NCHW", "dtype": "float32",
+                  "value_range": [0.0, 1.0], "channel_order": "RGB" if cfg.channels == 3 else "gray",
+                  "normalisation": "8-bit pixels divided by 255, 16-bit by 65535; no mean or std"},
+        "lr_definition": LR_DEFINITIONS[cfg.family],
+        "stop_threshold": float(cal["stop_threshold"]),
+        "lr_stats": cal["lr_stats"],
+        "segmentation": cal["segmentation"],
+        "projection": cal["projection"],
+        "opset": opset,
+        "graphs": graphs,
+    }
+    return write_manifest(out, manifest)

@@ -1,0 +1,145 @@
+"""Exported bundles: ONNX Runtime against autograd, checker, operators, dynamic batch, manifest checks."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from skimage import data as skdata
+
+from eproj.bundle import BundleError, load_manifest
+from eproj.export.onnx_graphs import export_bundle, graph_ops
+from eproj.export.operators import ALLOWED_OPS
+from eproj.train.checkpoint import load_model
+from eproj.train.data import resize
+from eproj.train.losses import kl_divergence, reconstruction_loss
+from eproj.train.models import FAMILIES
+
+GRAPHS = ("encoder.onnx", "decoder.onnx", "step.onnx")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """One exported bundle per family, from a briefly trained 32x32 model."""
+    from conftest import make_mvtec
+    from eproj.train.models import ModelConfig
+    from eproj.train.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("bundles")
+    folder = make_mvtec(root / "mvtec" / "nut", size=32)
+    out = {}
+    for family in FAMILIES:
+        path = train(root / family, ModelConfig(family=family, size=32, latent=8),
+                     TrainConfig(data=f"mvtec:{folder}", steps=3, batch=4, lr=1e-3), progress=False)
+        export_bundle(path, root / f"{family}-bundle")
+        out[family] = (load_model(path), root / f"{family}-bundle")
+    return out
+
+
+def _inputs(batch: int) -> np.ndarray:
+    rng = np.random.default_rng(batch)
+    real = resize(skdata.grass().astype(np.float32)[:, :, None] / 255, 32)
+    x = rng.random((batch, 1, 32, 32)).astype(np.float32)
+    x[0, 0] = real[:, :, 0]  # one real image in every batch
+    return x
+
+
+def _norm_relative(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b||: robust to the few units that sit exactly on a LeakyReLU kink in float32."""
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_graph_matches_autograd(bundles, family):
+    trained, folder = bundles[family]
+    session = ort.InferenceSession(str(folder / "step.onnx"), providers=["CPUExecutionProvider"])
+    x = _inputs(5)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"x": x})))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    loss, rec = reconstruction_loss(trained.model, xt)
+    grad, = torch.autograd.grad(loss.sum(), xt)
+    want = {"reconstruction": rec.detach().numpy(), "loss": loss.detach().numpy(), "grad": grad.numpy()}
+    if trained.config.variational:
+        xk = torch.from_numpy(x).requires_grad_(True)
+        kl = kl_divergence(*trained.model.encode(xk))
+        want["kl"] = kl.detach().numpy()
+        want["kl_grad"] = torch.autograd.grad(kl.sum(), xk)[0].numpy()
+    assert set(got) == set(want)
+    for name in want:
+        assert _norm_relative(got[name], want[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphs_pass_the_checker_and_stay_in_the_operator_list(bundles, family):
+    _, folder = bundles[family]
+    for name in GRAPHS:
+        model = onnx.load(str(folder / name))
+        onnx.checker.check_model(model, full_check=True)
+        assert graph_ops(folder / name) <= ALLOWED_OPS, name
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_dynamic_batch(bundles, batch):
+    trained, folder = bundles["vae"]
+    x = _inputs(batch)
+    step = ort.InferenceSession(str(folder / "step.onnx"), providers=["CPUExecutionProvider"])
+    rec, loss, grad, kl, kl_grad = step.run(None, {"x": x})
+    assert rec.shape == grad.shape == kl_grad.shape == x.shape and loss.shape == kl.shape == (batch,)
+    encoder = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    mu, logvar = encoder.run(None, {"x": x})
+    assert mu.shape == logvar.shape == (batch, 8)
+    decoder = ort.InferenceSession(str(folder / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    recon, = decoder.run(None, {"z": mu})
+    np.testing.assert_allclose(recon, rec, atol=1e-5)
+
+
+def test_manifest_round_trip(bundles):
+    trained, folder = bundles["gvae"]
+    manifest = load_manifest(folder)
+    assert manifest["family"] == "gvae" and manifest["input"]["size"] == 32
+    assert manifest["stop_threshold"] == pytest.approx(trained.stop_threshold)
+    assert set(manifest["files"]) == set(GRAPHS)
+    assert manifest["graphs"]["step"]["inputs"] == {"x": ["N", 1, 32, 32]}
+    assert manifest["graphs"]["encoder"]["outputs"] == {"mu": ["N", 8], "logvar": ["N", 8]}
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_tampered_truncated_and_foreign_bundles_are_refused(bundles, tmp_path):
+    _, folder = bundles["l2ae"]
+    tampered = _copy(folder, tmp_path / "tampered")
+    data = bytearray((tampered / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tampered / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"decoder.onnx has SHA-256 .*\(modified after export\)"):
+        load_manifest(tampered)
+    truncated = _copy(folder, tmp_path / "truncated")
+    (truncated / "step.onnx").write_bytes((truncated / "step.onnx").read_bytes()[:1000])
+    with pytest.raises(BundleError, match="step.onnx has 1000 bytes; the manifest says"):
+        load_manifest(truncated)
+    old = _copy(folder, tmp_path / "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["schema_version"] = 0
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema version 0; this eproj reads version 1"):
+        load_manifest(old)
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        load_manifest(tmp_path)
+
+
+def test_shapes_that_contradict_the_manifest_are_refused(bundles, tmp_path):
+    _, folder = bundles["dsae"]
+    edited = _copy(folder, tmp_path / "edited")
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["input"]["size"] = 64
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"step input x has shape \['N', 1, 32, 32\].*means \['N', 1, 64, 64\]"):
+        load_manifest(edited)
