@@ -89,7 +89,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from eproj.export.onnx_graphs import export_bundle
 
-    print(f"wrote {export_bundle(args.run, args.out, opset=args.opset)}")
+    manifest = export_bundle(args.run, args.out, opset=args.opset, fp16=args.fp16)
+    print(f"wrote {manifest}")
+    if args.fp16:
+        errors = json.loads(manifest.read_text())["graphs"]["step_fp16"]["error_vs_fp32"]["relative_l2"]
+        print("step_fp16.onnx relative L2 error against step.onnx: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     return 0
 
 
@@ -149,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or model.pt")
     p.add_argument("--out", required=True, help="bundle folder")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--fp16", action="store_true", help="also write step_fp16.onnx and measure its error")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="reconstruction vs projection on the embedded textures")

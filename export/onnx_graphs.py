@@ -6,6 +6,9 @@
 - ``decoder.onnx``: z (N, d) -> reconstruction (N, C, S, S);
 - ``step.onnx``: x -> reconstruction, loss (N,), grad (N, C, S, S) (and kl, kl_grad
   for vae/gvae): one projection step without autograd (``eproj.export.step``);
+- with ``fp16=True``, ``step_fp16.onnx``: the same step with the network and its
+  backward pass in float16 (the loss terms, input and outputs in float32), with its error against ``step.onnx`` measured by ONNX
+  Runtime and written into the manifest;
 - ``manifest.json`` (``eproj.bundle``).
 
 N is dynamic in every graph. Each graph passes ``onnx.checker`` with full shape
@@ -14,10 +17,12 @@ inference and uses only ``ALLOWED_OPS``.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -49,6 +54,12 @@ class _Encoder(nn.Module):
         if logvar is None:
             return mu.squeeze(3).squeeze(2)
         return mu.squeeze(3).squeeze(2), logvar.squeeze(3).squeeze(2)
+
+
+def _half_step(model: Autoencoder) -> StepModule:
+    """The step with the network and its backward pass in float16; the loss terms and
+    the input/outputs stay float32 (see StepModule)."""
+    return StepModule(copy.deepcopy(model).half(), loss_dtype=torch.float32)
 
 
 class _Decoder(nn.Module):
@@ -102,7 +113,33 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: st
     return {"file": path.name, "inputs": inputs, "outputs": outputs}
 
 
-def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+def fp16_error(fp32_path: Path, fp16_path: Path, channels: int, size: int, batch: int = 8) -> dict[str, Any]:
+    """Relative L2 error ||fp16 - fp32|| / ||fp32|| of every step output, by ONNX Runtime on the CPU.
+
+    Inputs: half uniform noise, half smooth random fields (image-like), seeded.
+    """
+    import cv2
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, channels, size, size)).astype(np.float32)
+    for i in range(batch // 2, batch):
+        for c in range(channels):
+            x[i, c] = np.clip(0.5 + 2 * cv2.GaussianBlur(x[i, c] - 0.5, (0, 0), 3), 0, 1)
+    providers = ["CPUExecutionProvider"]
+    reference = ort.InferenceSession(str(fp32_path), providers=providers)
+    half = ort.InferenceSession(str(fp16_path), providers=providers)
+    names = [o.name for o in reference.get_outputs()]
+    want = reference.run(None, {"x": x})
+    got = half.run(None, {"x": x})
+    errors = {n: float(np.linalg.norm(g - w) / max(float(np.linalg.norm(w)), 1e-12))
+              for n, g, w in zip(names, got, want)}
+    return {"relative_l2": errors, "measured_with": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+            "inputs": f"{batch} seeded images: uniform noise and smooth random fields"}
+
+
+def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
+                  fp16: bool = False) -> Path:
     """Write the ONNX graphs and manifest of a trained model into folder ``out``; returns the manifest path."""
     if not isinstance(trained, TrainedModel):
         trained = load_model(trained)
@@ -120,6 +157,11 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         "step": _export(StepModule(model), x, out / "step.onnx", "x",
                         ["reconstruction", "loss", "grad"] + (["kl", "kl_grad"] if variational else []), opset),
     }
+    if fp16:
+        graphs["step_fp16"] = _export(_half_step(model), x, out / "step_fp16.onnx", "x",
+                                      list(graphs["step"]["outputs"]), opset)
+        graphs["step_fp16"]["error_vs_fp32"] = fp16_error(out / "step.onnx", out / "step_fp16.onnx",
+                                                          cfg.channels, cfg.size)
     cal = trained.calibration
     manifest = {
         "eproj_version": __version__,

@@ -91,14 +91,16 @@ class StepModule(nn.Module):
         for vae/gvae also kl (N,) and d kl / dx (N, C, H, W).
     """
 
-    def __init__(self, model: Autoencoder) -> None:
+    def __init__(self, model: Autoencoder, loss_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
         self.family = model.config.family
-        size = model.config.size
+        self.network_dtype = next(model.parameters()).dtype
+        # the loss terms (DSSIM moments, residual, KL) may run in a wider type than the
+        # network: in float16 the DSSIM variances E[x^2] - E[x]^2 cancel catastrophically
+        self.loss_dtype = loss_dtype or self.network_dtype
         if self.family == "dsae":
-            dtype = next(model.parameters()).dtype
-            self.register_buffer("filter_matrix", gaussian_matrix(size).to(dtype))
+            self.register_buffer("filter_matrix", gaussian_matrix(model.config.size).to(self.loss_dtype))
 
     def _gaussian(self, x: torch.Tensor) -> torch.Tensor:
         a = self.filter_matrix
@@ -135,31 +137,34 @@ class StepModule(nn.Module):
 
     def forward(self, x: torch.Tensor):
         model, cfg = self.model, self.model.config
-        encoded = _run(model.encoder, x)
+        net, wide = self.network_dtype, self.loss_dtype
+        encoded = _run(model.encoder, x.to(net))
         h = encoded[-1]
         mu = h[:, :cfg.latent] if cfg.variational else h
         decoded = _run(model.decoder, mu)
-        reconstruction = decoded[-1]
+        reconstruction = decoded[-1].to(wide)
+        x = x.to(wide)
         if self.family == "dsae":
             loss, grad_direct, grad_reconstruction = self._dssim_loss(x, reconstruction)
         else:
             residual = x - reconstruction
             scale = 1.0
             if self.family == "gvae":
-                scale = 0.5 * torch.exp(-2.0 * model.log_gamma)
+                log_gamma = model.log_gamma.to(wide)
+                scale = 0.5 * torch.exp(-2.0 * log_gamma)
             loss = scale * (residual * residual).sum(dim=(1, 2, 3))
             if self.family == "gvae":
-                loss = loss + x[0].numel() * model.log_gamma
+                loss = loss + x[0].numel() * log_gamma
             grad_direct = 2.0 * scale * residual
             grad_reconstruction = -grad_direct
-        grad_latent = _backward(model.decoder, decoded, grad_reconstruction)
+        grad_latent = _backward(model.decoder, decoded, grad_reconstruction.to(net))
         if cfg.variational:
             grad_latent = torch.cat([grad_latent, torch.zeros_like(grad_latent)], dim=1)
-        grad = grad_direct + _backward(model.encoder, encoded, grad_latent)
+        grad = grad_direct + _backward(model.encoder, encoded, grad_latent).to(wide)
         if not cfg.variational:
             return reconstruction, loss, grad
-        logvar = h[:, cfg.latent:]
-        kl = 0.5 * (mu * mu + torch.exp(logvar) - 1.0 - logvar).sum(dim=(1, 2, 3))
-        grad_h = torch.cat([mu, 0.5 * (torch.exp(logvar) - 1.0)], dim=1)
-        kl_grad = _backward(model.encoder, encoded, grad_h)
+        mu_w, logvar_w = mu.to(wide), h[:, cfg.latent:].to(wide)
+        kl = 0.5 * (mu_w * mu_w + torch.exp(logvar_w) - 1.0 - logvar_w).sum(dim=(1, 2, 3))
+        grad_h = torch.cat([mu_w, 0.5 * (torch.exp(logvar_w) - 1.0)], dim=1).to(net)
+        kl_grad = _backward(model.encoder, encoded, grad_h).to(wide)
         return reconstruction, loss, grad, kl, kl_grad
