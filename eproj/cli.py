@@ -98,6 +98,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_engine(args: argparse.Namespace) -> int:
+    from eproj.export.tensorrt import build_engines
+
+    for path in build_engines(args.bundle, fp16=args.fp16, min_batch=args.min_batch, opt_batch=args.opt_batch,
+                              max_batch=args.max_batch, workspace_mb=args.workspace_mb):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eproj", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"eproj {__version__}")
@@ -156,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--fp16", action="store_true", help="also write step_fp16.onnx and measure its error")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("build-engine", help="build TensorRT engines from a bundle (needs TensorRT 10 and a GPU)")
+    p.add_argument("bundle")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--min-batch", type=_positive_int, default=1)
+    p.add_argument("--opt-batch", type=_positive_int, default=8)
+    p.add_argument("--max-batch", type=_positive_int, default=32)
+    p.add_argument("--workspace-mb", type=_positive_int, default=1024)
+    p.set_defaults(func=_cmd_build_engine)
 
     p = sub.add_parser("demo", help="reconstruction vs projection on the embedded textures")
     p.add_argument("--out", default="demo-out")
