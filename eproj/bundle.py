@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from eproj.errors import EprojError
+from eproj.files import write_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,9 +47,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     if missing:
         raise ValueError(f"manifest lacks {missing}")
     out = folder / MANIFEST
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(payload, indent=2).encode())
     return out
 
 

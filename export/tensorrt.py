@@ -14,13 +14,13 @@ command says what to install.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eproj.bundle import load_manifest
 from eproj.errors import EprojError
+from eproj.files import write_atomic
 
 if TYPE_CHECKING:
     import tensorrt
@@ -124,11 +124,11 @@ def build_engines(bundle: str | Path, fp16: bool = False, min_batch: int = 1, op
         if serialized is None:
             raise EngineError(f"TensorRT could not build an engine from {entry['file']} (see its log above)")
         engine_path = bundle / f"{graph}.engine"
-        _write_bytes(engine_path, bytes(serialized))
+        write_atomic(engine_path, bytes(serialized))
         record = {**asdict(target), "graph": entry["file"], "fp16": fp16,
                   "batch": {"min": min_batch, "opt": opt_batch, "max": max_batch}, "workspace_mb": workspace_mb}
-        _write_bytes(engine_path.with_name(engine_path.name + ".json"), json.dumps(record, indent=2).encode())
-        _write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+        write_atomic(engine_path.with_name(engine_path.name + ".json"), json.dumps(record, indent=2).encode())
+        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
         written.append(engine_path)
     return written
 
@@ -147,8 +147,3 @@ def load_engine(path: str | Path) -> "tensorrt.ICudaEngine":
         raise EngineError(f"TensorRT could not load {path}; rebuild it with `eproj build-engine {path.parent}`")
     return engine
 
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -13,7 +13,6 @@ into tiles of the model size and the maps stitched back.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from eproj.errors import ConfigError, DataError
+from eproj.files import write_atomic
 from eproj.train.checkpoint import TrainedModel, load_model
 from eproj.train.data import TestSample, load_source, tile, to_batch, untile
 from eproj.train.losses import dssim_map, l2_map
@@ -161,10 +161,7 @@ def save_maps(results: list[SampleResult], trained: TrainedModel, method: str, f
 
 
 def write_json(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=2).encode())
 
 
 def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = True,
