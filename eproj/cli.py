@@ -22,6 +22,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _given(**options: object) -> dict[str, object]:
+    """The options the user set; the rest keep the defaults of ModelConfig and TrainConfig."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -33,11 +38,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     architecture = args.arch or ("zimmerer" if args.size == 64 else "bergmann")
     model_config = ModelConfig(family=args.model, architecture=architecture, size=args.size,
                                channels=args.channels or _data_channels(args.data, args.size),
-                               latent=args.latent, beta=args.beta,
-                               decoder_variance=args.decoder_variance)
-    train_config = TrainConfig(data=args.data, steps=args.steps, batch=args.batch, lr=args.lr,
-                               seed=args.seed, checkpoint_every=args.checkpoint_every,
-                               weights=args.weights, kl_warmup=args.kl_warmup)
+                               **_given(latent=args.latent, beta=args.beta,
+                                        decoder_variance=args.decoder_variance))
+    train_config = TrainConfig(data=args.data, **_given(steps=args.steps, batch=args.batch, lr=args.lr,
+                                                        seed=args.seed, checkpoint_every=args.checkpoint_every,
+                                                        weights=args.weights, kl_warmup=args.kl_warmup))
     out = train(args.out, model_config, train_config, calibrate_after=not args.no_calibrate)
     print(f"wrote {out}")
     return 0
@@ -116,23 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an autoencoder on normal images")
     p.add_argument("--data", required=True, help="textures:NAME|PATH, mvtec:PATH/CATEGORY or folder:PATH")
     p.add_argument("--model", required=True, choices=("l2ae", "dsae", "vae", "gvae"))
-    p.add_argument("--beta", type=float, default=1.0, help="KL weight of the vae family (1 = VAE)")
-    p.add_argument("--decoder-variance", type=float, default=0.01,
-                   help="fixed variance of the vae family's Gaussian decoder")
-    p.add_argument("--latent", type=_positive_int, default=100)
-    p.add_argument("--size", type=_positive_int, default=128)
+    # Options left unset keep the defaults of ModelConfig and TrainConfig (the values in brackets),
+    # so that `eproj train` and `eproj demo --train` cannot drift apart.
+    p.add_argument("--beta", type=float, default=None, help="KL weight of the vae family [1; 1 = VAE]")
+    p.add_argument("--decoder-variance", type=float, default=None,
+                   help="fixed variance of the vae family's Gaussian decoder [0.01]")
+    p.add_argument("--latent", type=_positive_int, default=None, help="latent size d [100]")
+    p.add_argument("--size", type=_positive_int, default=128, help="input size [128]")
     p.add_argument("--arch", choices=("bergmann", "zimmerer"), default=None,
                    help="default: zimmerer for --size 64, bergmann otherwise")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: the data's")
-    p.add_argument("--steps", type=int, default=10000)
-    p.add_argument("--batch", type=_positive_int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kl-warmup", type=int, default=2000,
-                   help="steps over which the KL weight of vae/gvae ramps from 0 to 1 (0: none)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=250)
-    p.add_argument("--weights", choices=("float32", "float16"), default="float32",
-                   help="dtype of the weights in model.pt (float16 halves its size)")
+    p.add_argument("--steps", type=int, default=None, help="[10000]")
+    p.add_argument("--batch", type=_positive_int, default=None, help="[16]")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate [1e-4]")
+    p.add_argument("--seed", type=int, default=None, help="[0]")
+    p.add_argument("--kl-warmup", type=int, default=None,
+                   help="steps over which the KL weight of vae/gvae ramps from 0 to 1 [2000; 0: none]")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="[250]")
+    p.add_argument("--weights", choices=("float32", "float16"), default=None,
+                   help="dtype of the weights in model.pt [float32]; float16 halves its size")
     p.add_argument("--no-calibrate", action="store_true", help="stop after training; skip model.pt")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
     p.set_defaults(func=_cmd_train)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from eproj.train.checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, FORMAT_VERSION, load_payload,
                                     model_from_payload, save_atomic)
 from eproj.train.data import DataSource, load_source
-from eproj.train.evaluate import METHODS, MAP_KINDS, run_method
+from eproj.train.evaluate import METHODS, MAP_KINDS, image_score, run_method
 from eproj.train.losses import reconstruction_loss
 from eproj.train.models import Autoencoder
 from eproj.train.projection import ProjectionConfig
@@ -52,12 +51,11 @@ def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConf
         out = run_method(model, validation, method, projection.with_(stop_threshold=stats["min"]),
                          progress=progress, desc=f"calibrate {method}")
         thresholds = {kind: float(np.quantile(out.maps[kind], quantile)) for kind in MAP_KINDS}
-        thresholds["score"] = float(np.quantile(out.maps["dssim"].reshape(len(validation), -1).max(axis=1),
-                                                quantile))
+        thresholds["score"] = float(np.quantile(image_score(out.maps["dssim"]), quantile))
         segmentation[method] = thresholds
     return {"lr_stats": stats, "stop_threshold": stats["min"], "quantile": quantile,
             "validation_images": int(len(validation)), "segmentation": segmentation,
-            "projection": asdict(projection)}
+            "projection": projection.to_dict()}
 
 
 def write_model(run_dir: str | Path, data: str | None = None, progress: bool = True) -> Path:

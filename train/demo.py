@@ -8,6 +8,7 @@ set, writes ``report.json`` and one PNG panel per model, and prints a table.
 
 from __future__ import annotations
 
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ from eproj import __version__
 from eproj.errors import CheckpointError, DataError
 from eproj.train.checkpoint import TrainedModel, load_model
 from eproj.train.evaluate import SampleResult, evaluate, write_json
-from eproj.train.models import ModelConfig
 
 MODELS_DIR = Path(str(resources.files("eproj") / "models"))
 
@@ -37,10 +37,11 @@ COLUMNS = ("input", "reconstruction", "projection", "DSSIM recon.", "DSSIM proj.
            "mask recon.", "mask proj.")
 
 
-def train_command(name: str) -> str:
-    data, family, steps, lr = SHIPPED[name]
-    return (f"eproj train --data {data} --model {family} --steps {steps} --lr {lr:g} "
-            f"--weights float16 --out runs/{name}")
+def train_command(name: str, out: Path | str | None = None, steps: int | None = None) -> str:
+    """The `eproj train` command that produces shipped model ``name`` (into ``out``, default runs/NAME)."""
+    data, family, default_steps, lr = SHIPPED[name]
+    return (f"eproj train --data {data} --model {family} --steps {steps or default_steps} --lr {lr:g} "
+            f"--weights float16 --out {shlex.quote(str(out or f'runs/{name}'))}")
 
 
 def _gray_to_bgr(image: np.ndarray) -> np.ndarray:
@@ -104,14 +105,16 @@ def _method_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def _models(out: Path, retrain: bool, steps: int | None) -> dict[str, Path]:
     if retrain:
-        from eproj.train.trainer import TrainConfig, train
+        from eproj.cli import build_parser
 
         paths = {}
-        for name, (data, family, default_steps, lr) in SHIPPED.items():
-            print(f"training {name}: {train_command(name)}")
-            config = ModelConfig(family=family, channels=1)
-            paths[name] = train(out / "runs" / name, config,
-                                TrainConfig(data=data, steps=steps or default_steps, lr=lr, weights="float16"))
+        for name in SHIPPED:
+            run = out / "runs" / name
+            command = train_command(name, run, steps)
+            print(f"training {name}: {command}")
+            args = build_parser().parse_args(shlex.split(command)[1:])
+            args.func(args)  # exactly the printed command
+            paths[name] = run / "model.pt"
         return paths
     paths = {name: MODELS_DIR / f"{name}.pt" for name in SHIPPED}
     missing = [str(p) for p in paths.values() if not p.is_file()]

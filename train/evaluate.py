@@ -36,6 +36,11 @@ METHODS = ("reconstruction", "projection")
 MAP_KINDS = ("dssim", "l2")
 
 
+def image_score(maps: np.ndarray) -> np.ndarray:
+    """The image score: the maximum of each anomaly map, (N, H, W) or (H, W) -> (N,) or ()."""
+    return np.asarray(maps).max(axis=(-2, -1))
+
+
 def projection_config(trained: TrainedModel, **overrides: Any) -> ProjectionConfig:
     """The model's stored projection defaults with its stop threshold, then ``overrides``."""
     values = dict(trained.calibration.get("projection", {}))
@@ -120,7 +125,7 @@ def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str
         maps = {k: untile(v[idx], shape) for k, v in out.maps.items()}
         target = untile(out.target[idx].transpose(0, 2, 3, 1), shape)
         results.append(SampleResult(s, maps, target, float(out.iterations[idx].mean()),
-                                    float(maps["dssim"].max()), [out.stop_reason[j] for j in idx]))
+                                    float(image_score(maps["dssim"])), [out.stop_reason[j] for j in idx]))
     return results
 
 
@@ -131,7 +136,7 @@ def summarise(trained: TrainedModel, results: list[SampleResult], method: str) -
     metrics = {}
     for kind in MAP_KINDS:
         maps = [r.maps[kind] for r in results]
-        scores = np.array([m.max() for m in maps])
+        scores = np.array([image_score(m) for m in maps])
         metrics[kind] = all_metrics(maps, masks, scores, labels, trained.segmentation_threshold(method, kind))
     its = np.array([r.iterations for r in results])
     counts, edges = np.histogram(its, bins=10)
@@ -144,7 +149,7 @@ def summarise(trained: TrainedModel, results: list[SampleResult], method: str) -
                        "stop_reasons": {k: reasons.count(k) for k in sorted(set(reasons))}},
         "images": [{"name": r.sample.name, "defect": r.sample.defect, "label": r.sample.label,
                     "score": r.score, "iterations": r.iterations,
-                    "flagged": bool(r.score > trained.calibration["segmentation"][method]["score"])}
+                    "flagged": bool(r.score > trained.segmentation_threshold(method, "score"))}
                    for r in results],
     }
 
