@@ -10,7 +10,10 @@ STAMP := $(VENV)/.installed
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml CMakeLists.txt | $(VENV)/bin/python
+KERNEL_SOURCES := $(wildcard cpp_ext/CMakeLists.txt cpp_ext/*.cpp cpp_ext/*.in cpp_ext/*/*.cpp cpp_ext/*/*.cu cpp_ext/*/*.cuh cpp_ext/include/eproj/*.h)
+
+# rebuilt (and the kernels recompiled) when the build files or kernel sources change
+$(STAMP): pyproject.toml CMakeLists.txt $(KERNEL_SOURCES) | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
 	# type stubs for the TensorRT builder; --no-deps because TensorRT itself cannot be installed everywhere

@@ -22,7 +22,7 @@ import torch
 
 from eproj.train.losses import dssim_map
 from eproj.train.models import ModelConfig, build_model
-from eproj.train.projection import ProjectionConfig, energy_terms
+from eproj.train.projection import ProjectionConfig, loss_terms, update_step
 
 
 def _time(fn, repeats: int) -> float:
@@ -53,14 +53,16 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         x0 = torch.rand(batch, 1, args.size, args.size)
         x = (x0 + 0.05 * torch.randn_like(x0)).clamp(0.0, 1.0)
+        active = torch.ones(batch, dtype=torch.bool)
+        iterations = torch.zeros(batch, dtype=torch.int64)
 
         def forward() -> None:
             with torch.no_grad():
                 model(x0)
 
         def iteration() -> None:
-            _, _, reconstruction, grad = energy_terms(model, x, x0, config.lam)
-            (x - config.alpha * grad * (x - reconstruction) ** 2).clamp(0.0, 1.0)
+            loss, reconstruction, grad_lr = loss_terms(model, x)
+            update_step(x, x0, reconstruction, grad_lr, loss, active, iterations, config)
 
         def dssim() -> None:
             with torch.no_grad():

@@ -21,3 +21,7 @@ class CheckpointError(EprojError):
 
 class ConfigError(EprojError):
     """An option or parameter is out of its valid range."""
+
+
+class ArrayError(EprojError):
+    """An array has the wrong dtype, shape, device or memory layout for where it was passed."""

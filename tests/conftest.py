@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny models and small data folders in the MVTec AD layout."""
+"""Shared fixtures: tiny models, small data folders in the MVTec AD layout, and
+the `device` parameter: one test body runs on "cpu" (NumPy arrays) and on "cuda"
+(torch CUDA tensors; skipped where no GPU can run the CUDA kernels)."""
 
 from __future__ import annotations
 
@@ -70,3 +72,51 @@ def tiny_model():
         return model.to(dtype).eval()
 
     return make
+
+
+def _cuda_skip_reason() -> str:
+    import eproj.cpp_ext as kernels
+
+    reason = kernels.cuda_unavailable_reason()
+    if reason:
+        return f"CUDA kernels cannot run here: {reason}"
+    if not torch.cuda.is_available():
+        return "torch has no CUDA here"
+    return ""
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> str:
+    if request.param == "cuda":
+        reason = _cuda_skip_reason()
+        if reason:
+            pytest.skip(reason)
+    return request.param
+
+
+class Arrays:
+    """Moves NumPy arrays to the device under test and back."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def put(self, array: np.ndarray):
+        if self.device == "cpu":
+            return np.ascontiguousarray(array)
+        return torch.from_numpy(np.ascontiguousarray(array)).cuda()
+
+    def empty(self, shape, dtype):
+        if self.device == "cpu":
+            return None  # the CPU path allocates its outputs
+        return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device="cuda")
+
+    def get(self, array) -> np.ndarray:
+        if isinstance(array, np.ndarray):
+            return array
+        torch.cuda.synchronize()
+        return array.cpu().numpy()
+
+
+@pytest.fixture
+def arrays(device) -> Arrays:
+    return Arrays(device)

@@ -23,62 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
+from eproj.config import ProjectionConfig
 from eproj.errors import ConfigError
 from eproj.train.losses import reconstruction_loss
 from eproj.train.models import Autoencoder
-
-WEIGHTINGS = ("hadamard", "mask", "none")
-STEPS = ("plain", "adam")
-STOP_REASONS = ("threshold", "converged", "max_iters")
-
-
-@dataclass(frozen=True)
-class ProjectionConfig:
-    """Parameters of the projection; the defaults are the paper's.
-
-    ``energy_tol``: a sample stops when |E_prev - E| <= energy_tol * |E_prev|
-    (0 disables). ``stop_threshold``: a sample stops when Lr <= it (None disables).
-    """
-
-    alpha: float = 0.5
-    lam: float = 0.05
-    weighting: str = "hadamard"
-    step: str = "plain"
-    max_iters: int = 100
-    energy_tol: float = 0.0
-    stop_threshold: float | None = None
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    value_min: float = 0.0
-    value_max: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.step not in STEPS:
-            raise ConfigError(f"step must be one of {STEPS}, got {self.step!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
-        if self.lam < 0:
-            raise ConfigError(f"lambda must be >= 0, got {self.lam}")
-        if self.max_iters < 0:
-            raise ConfigError(f"max_iters must be >= 0, got {self.max_iters}")
-        if self.energy_tol < 0:
-            raise ConfigError(f"energy_tol must be >= 0, got {self.energy_tol}")
-        if not self.value_min < self.value_max:
-            raise ConfigError(f"value range must satisfy min < max, got [{self.value_min}, {self.value_max}]")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def with_(self, **changes) -> "ProjectionConfig":
-        return replace(self, **changes)
-
 
 @dataclass
 class ProjectionResult:
@@ -100,14 +52,86 @@ def energy_terms(model: Autoencoder, x: torch.Tensor, x0: torch.Tensor, lam: flo
     Returns:
         energy (N,), loss (N,), reconstruction (N, C, H, W), grad (N, C, H, W), all detached.
     """
+    loss, reconstruction, grad_lr = loss_terms(model, x)
+    diff = x.detach() - x0
+    energy = loss + lam * diff.abs().flatten(1).sum(dim=1)
+    grad = grad_lr + lam * torch.sign(diff)
+    return energy, loss, reconstruction, grad
+
+
+def loss_terms(model: Autoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lr (N,), f(x) (N, C, H, W) and grad_x Lr (N, C, H, W) by autograd, detached:
+    what the exported step graph computes without autograd."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         loss, reconstruction = reconstruction_loss(model, xg)
         grad_lr, = torch.autograd.grad(loss.sum(), xg)
-    diff = x.detach() - x0
-    energy = loss.detach() + lam * diff.abs().flatten(1).sum(dim=1)
-    grad = grad_lr + lam * torch.sign(diff)
-    return energy, loss.detach(), reconstruction.detach(), grad
+    return loss.detach(), reconstruction.detach(), grad_lr
+
+
+@dataclass
+class UpdateResult:
+    """State after one update: ``x``, ``m``, ``v`` (N, C, H, W; m, v None for the
+    plain step), ``iterations`` (N,) counting applied steps, ``distance`` (N,) =
+    ||x_new - x0||_1 and ``energy`` (N,) = loss + lam ||x - x0||_1 at the x the
+    step started from."""
+
+    x: torch.Tensor
+    m: torch.Tensor | None
+    v: torch.Tensor | None
+    iterations: torch.Tensor
+    distance: torch.Tensor
+    energy: torch.Tensor
+
+
+def update_step(x: torch.Tensor, x0: torch.Tensor, reconstruction: torch.Tensor, grad_lr: torch.Tensor,
+                loss: torch.Tensor, active: torch.Tensor, iterations: torch.Tensor, config: ProjectionConfig,
+                mask: torch.Tensor | None = None, m: torch.Tensor | None = None,
+                v: torch.Tensor | None = None) -> UpdateResult:
+    """The reference update: one step of the projection for the active samples.
+
+    This is the definition the fused kernels (eproj.cpp_ext.update, C++ and CUDA)
+    are tested against. It forms grad E = grad_lr + lam * sign(x - x0), weights it
+    (config.weighting), takes a plain or Adam step (Adam's bias correction uses
+    each sample's own step count, iterations + 1), clamps to the value range and
+    leaves inactive samples, and their moments, untouched.
+
+    Args:
+        x, x0, reconstruction, grad_lr: (N, C, H, W) float tensors; reconstruction
+            is f(x) and grad_lr is grad_x Lr at x.
+        loss: (N,) Lr at x. active: (N,) bool. iterations: (N,) integer steps taken so far.
+        mask: (N, 1 or C, H, W), Omega for ``weighting="mask"``.
+        m, v: (N, C, H, W) Adam moments for ``step="adam"``.
+    Returns:
+        an UpdateResult of new tensors (the inputs are not modified).
+    """
+    n = x.shape[0]
+    a = active.view(n, 1, 1, 1)
+    diff = x - x0
+    grad = grad_lr + config.lam * torch.sign(diff)
+    if config.weighting == "hadamard":
+        g = grad * (x - reconstruction) ** 2
+    elif config.weighting == "mask":
+        g = grad * mask
+    else:
+        g = grad
+    if config.step == "adam":
+        count = (iterations + 1).to(x.dtype).view(n, 1, 1, 1)
+        m = torch.where(a, config.adam_beta1 * m + (1 - config.adam_beta1) * g, m)
+        v = torch.where(a, config.adam_beta2 * v + (1 - config.adam_beta2) * g * g, v)
+        m_hat = m / (1 - config.adam_beta1 ** count)
+        v_hat = v / (1 - config.adam_beta2 ** count)
+        stepped = x - config.alpha * m_hat / (v_hat.sqrt() + config.adam_eps)
+    else:
+        stepped = x - config.alpha * g
+    stepped = stepped.clamp(config.value_min, config.value_max)
+    x_new = torch.where(a, stepped, x)
+    return UpdateResult(
+        x=x_new, m=m, v=v,
+        iterations=iterations + active.to(iterations.dtype),
+        distance=(x_new - x0).abs().flatten(1).sum(dim=1),
+        energy=loss + config.lam * diff.abs().flatten(1).sum(dim=1),
+    )
 
 
 @contextmanager
@@ -158,7 +182,8 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
     v = torch.zeros_like(x0) if config.step == "adam" else None
     with _frozen(model):
         for t in range(config.max_iters + 1):
-            energy, loss, reconstruction, grad = energy_terms(model, x, x0, config.lam)
+            loss, reconstruction, grad_lr = loss_terms(model, x)
+            energy = loss + config.lam * (x - x0).abs().flatten(1).sum(dim=1)
             if t == 0:
                 final_energy, final_loss = energy.clone(), loss.clone()
             final_energy = torch.where(active, energy, final_energy)
@@ -178,23 +203,6 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
             if t == config.max_iters or not bool(active.any()):
                 break
             previous = energy
-            if config.weighting == "hadamard":
-                g = grad * (x - reconstruction) ** 2
-            elif config.weighting == "mask":
-                g = grad * mask
-            else:
-                g = grad
-            if config.step == "adam":
-                count = (iterations + 1).to(x0.dtype).view(n, 1, 1, 1)
-                a = active.view(n, 1, 1, 1)
-                m = torch.where(a, config.adam_beta1 * m + (1 - config.adam_beta1) * g, m)
-                v = torch.where(a, config.adam_beta2 * v + (1 - config.adam_beta2) * g * g, v)
-                m_hat = m / (1 - config.adam_beta1 ** count)
-                v_hat = v / (1 - config.adam_beta2 ** count)
-                stepped = x - config.alpha * m_hat / (v_hat.sqrt() + config.adam_eps)
-            else:
-                stepped = x - config.alpha * g
-            stepped = stepped.clamp(config.value_min, config.value_max)
-            x = torch.where(active.view(n, 1, 1, 1), stepped, x)
-            iterations += active.to(torch.int64)
+            step = update_step(x, x0, reconstruction, grad_lr, loss, active, iterations, config, mask, m, v)
+            x, m, v, iterations = step.x, step.m, step.v, step.iterations
     return ProjectionResult(x, iterations, final_loss, final_energy, reasons)

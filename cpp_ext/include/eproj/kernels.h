@@ -1,0 +1,41 @@
+// Entry points of the kernels. Each device has one file per kernel under the
+// same name (cpu/update.cpp, cuda/update.cu, ...). Callers (bindings.cpp) have
+// validated shapes, dtypes, devices and contiguity; the kernels check their
+// own invariants and, on CUDA, every launch.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "eproj/math.h"
+
+namespace eproj {
+
+// One Hadamard-weighted (or masked, or plain) projection step for every active
+// sample, in place on x (and m, v); writes distance = ||x_after - x0||_1,
+// energy = loss + lambda ||x_before - x0||_1 and increments iterations of the
+// active samples. Inactive samples are left untouched.
+void update_cpu(const UpdateParams& params, const UpdateBuffers& buffers);
+
+// DSSIM map (mean over channels), and optionally its mask and per-image max/mean.
+void dssim_map_cpu(const DssimParams& params, const DssimBuffers& buffers);
+
+// Whether dssim_map_cpu runs its AVX2 variant on this machine.
+bool cpu_uses_avx2();
+
+// Number of OpenMP threads the CPU kernels use (1 without OpenMP).
+int cpu_threads();
+
+#if defined(EPROJ_WITH_CUDA)
+// Same semantics, on device pointers, launched on `stream` (a cudaStream_t).
+void update_cuda(const UpdateParams& params, const UpdateBuffers& buffers, std::uintptr_t stream);
+void dssim_map_cuda(const DssimParams& params, const DssimBuffers& buffers, std::uintptr_t stream);
+
+// Empty when usable; otherwise why not (no driver, no device, ...).
+std::string cuda_unavailable_reason();
+// Kind of memory `pointer` lives in: "device", "managed", "host", "unregistered";
+// sets `device` for device and managed memory.
+std::string cuda_pointer_kind(std::uintptr_t pointer, int* device);
+#endif
+
+}  // namespace eproj
