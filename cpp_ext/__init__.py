@@ -15,6 +15,9 @@ pointers through ``device_array``) run on the CUDA kernels, launched on
 ``stream`` and never synchronised here. Results of CUDA calls go into the
 output arrays the caller passes; the CPU path allocates them when not given.
 
+``prepare_update`` and ``prepare_dssim_map`` check the arguments once and
+return a call that launches the kernel again on the same buffers, for loops.
+
 The calls hold no global state and release the GIL: concurrent calls on
 different arrays are safe.
 """
@@ -31,7 +34,7 @@ from eproj.config import ProjectionConfig
 from eproj.cpp_ext._arrays import ArrayView, DeviceArray, device_array, stream_handle, view_of
 from eproj.errors import ArrayError, ConfigError
 
-__all__ = ["update", "dssim_map", "DssimResult", "device_array", "DeviceArray", "build_info", "cuda_available",
+__all__ = ["update", "dssim_map", "prepare_update", "prepare_dssim_map", "PreparedCall", "DssimResult", "device_array", "DeviceArray", "build_info", "cuda_available",
            "cuda_unavailable_reason", "MAX_WINDOW"]
 
 MAX_WINDOW = 31
@@ -127,6 +130,26 @@ def _distinct(out: ArrayView, inputs: list[ArrayView]) -> None:
 # update
 # ---------------------------------------------------------------------------
 
+class PreparedCall:
+    """A kernel call whose arguments were checked once; calling it launches the
+    kernel again on the same buffers, with a few microseconds of overhead.
+
+    The projection loop calls the update on the same buffers every iteration:
+    prepare it once, then call it. The arrays must stay alive and in place
+    (write into them, do not rebind them) for as long as the call is used.
+    """
+
+    def __init__(self, function: Any, args: tuple, keep: list[Any], outputs: Any):
+        self._function = function
+        self._args = args
+        self._keep = keep  # the arrays whose memory the pointers refer to
+        self.outputs = outputs
+
+    def __call__(self) -> Any:
+        self._function(*self._args)
+        return self.outputs
+
+
 def update(x: Any, x0: Any, reconstruction: Any, grad_lr: Any, loss: Any, active: Any, iterations: Any, *,
            config: ProjectionConfig = ProjectionConfig(), mask: Any = None, m: Any = None, v: Any = None,
            distance: Any = None, energy: Any = None, stream: Any = None) -> tuple[Any, Any]:
@@ -151,6 +174,14 @@ def update(x: Any, x0: Any, reconstruction: Any, grad_lr: Any, loss: Any, active
         (distance, energy): distance[i] = ||x_new_i - x0_i||_1 and
         energy[i] = loss[i] + lam ||x_i - x0_i||_1 at the x the step started from.
     """
+    return prepare_update(x, x0, reconstruction, grad_lr, loss, active, iterations, config=config, mask=mask,
+                          m=m, v=v, distance=distance, energy=energy, stream=stream)()
+
+
+def prepare_update(x: Any, x0: Any, reconstruction: Any, grad_lr: Any, loss: Any, active: Any, iterations: Any, *,
+                   config: ProjectionConfig = ProjectionConfig(), mask: Any = None, m: Any = None, v: Any = None,
+                   distance: Any = None, energy: Any = None, stream: Any = None) -> PreparedCall:
+    """``update`` checked once and ready to run again: the returned call returns (distance, energy)."""
     xv = view_of(x, "x")
     n, c, h, w = _images(xv)
     shape = (n, c, h, w)
@@ -204,11 +235,12 @@ def update(x: Any, x0: Any, reconstruction: Any, grad_lr: Any, loss: Any, active
         pointers[name] = view.pointer
         outputs.append(array)
 
-    _load().update(device, pointers, n, c, h, w, mask_channels, config.alpha, config.lam,
-                   _WEIGHTING_CODES[config.weighting], _STEP_CODES[config.step], config.adam_beta1,
-                   config.adam_beta2, config.adam_eps, config.value_min, config.value_max,
-                   stream_handle(stream) if device == "cuda" else 0, xv.device_id)
-    return outputs[0], outputs[1]
+    args = (device, pointers, n, c, h, w, mask_channels, config.alpha, config.lam,
+            _WEIGHTING_CODES[config.weighting], _STEP_CODES[config.step], config.adam_beta1,
+            config.adam_beta2, config.adam_eps, config.value_min, config.value_max,
+            stream_handle(stream) if device == "cuda" else 0, xv.device_id)
+    keep = [x, x0, reconstruction, grad_lr, loss, active, iterations, mask, m, v, *outputs]
+    return PreparedCall(_load().update, args, keep, (outputs[0], outputs[1]))
 
 
 # ---------------------------------------------------------------------------
@@ -245,6 +277,14 @@ def dssim_map(x: Any, y: Any, *, data_range: float = 1.0, window: int = 11, sigm
     Returns:
         a DssimResult.
     """
+    return prepare_dssim_map(x, y, data_range=data_range, window=window, sigma=sigma, threshold=threshold,
+                             stats=stats, out=out, mask=mask, max=max, mean=mean, stream=stream)()
+
+
+def prepare_dssim_map(x: Any, y: Any, *, data_range: float = 1.0, window: int = 11, sigma: float = 1.5,
+                      threshold: float | None = None, stats: bool = False, out: Any = None, mask: Any = None,
+                      max: Any = None, mean: Any = None, stream: Any = None) -> PreparedCall:
+    """``dssim_map`` checked once and ready to run again: the returned call returns the DssimResult."""
     if not (isinstance(window, int) and 1 <= window <= MAX_WINDOW and window % 2 == 1):
         raise ConfigError(f"window must be an odd integer in [1, {MAX_WINDOW}], got {window!r}")
     if not sigma > 0:
@@ -279,7 +319,7 @@ def dssim_map(x: Any, y: Any, *, data_range: float = 1.0, window: int = 11, sigm
             raise ArrayError(f"{name}: expected an array on the inputs' device ({xv.describe()}), got {view.describe()}")
         _distinct(view, [xv, yv])
         pointers[name] = view.pointer
-    _load().dssim_map(device, pointers, n, c, h, w, window, float(sigma), float(data_range),
-                      float(threshold) if threshold is not None else 0.0,
-                      stream_handle(stream) if device == "cuda" else 0, xv.device_id)
-    return result
+    args = (device, pointers, n, c, h, w, window, float(sigma), float(data_range),
+            float(threshold) if threshold is not None else 0.0,
+            stream_handle(stream) if device == "cuda" else 0, xv.device_id)
+    return PreparedCall(_load().dssim_map, args, [x, y], result)

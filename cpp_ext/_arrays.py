@@ -11,8 +11,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,10 +24,10 @@ _DLPACK_CODES = {(2, 32): "float32", (2, 64): "float64", (2, 16): "float16", (1,
                  (0, 32): "int32", (0, 64): "int64"}
 _DLPACK_CPU, _DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED = 1, 2, 3, 13
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "uint8": 1, "bool": 1, "int32": 4, "int64": 8}
+_NUMPY_NAMES = {np.dtype(name): name for name in _ITEMSIZE}  # a dict lookup is faster than dtype.name
 
 
-@dataclass(frozen=True)
-class ArrayView:
+class ArrayView(NamedTuple):
     """One array as the kernels see it. ``device`` is "cpu" or "cuda"."""
 
     name: str
@@ -101,8 +100,10 @@ def _cuda_view(name: str, pointer: int, shape: tuple[int, ...], dtype: str, cont
 def view_of(obj: Any, name: str) -> ArrayView:
     """Describe ``obj`` for the kernels; ``name`` is the argument name used in errors."""
     if isinstance(obj, np.ndarray):
-        return ArrayView(name, obj.ctypes.data, tuple(obj.shape), obj.dtype.name, "cpu", 0,
-                         bool(obj.flags.c_contiguous), not obj.flags.writeable)
+        flags = obj.flags
+        dtype = _NUMPY_NAMES.get(obj.dtype) or obj.dtype.name
+        return ArrayView(name, obj.__array_interface__["data"][0], obj.shape, dtype, "cpu", 0,
+                         flags.c_contiguous, not flags.writeable)
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
         dtype = _TYPESTRS.get(cai["typestr"], cai["typestr"])

@@ -36,6 +36,7 @@ namespace EPROJ_CPU_VARIANT {
 namespace {
 
 constexpr std::int64_t kTileCols = 256;
+constexpr std::int64_t kParallelPixels = 1 << 12;  // below this, waking threads costs more than it saves
 
 struct Tile {
   std::int64_t image, row0, row1, col0, col1;
@@ -193,7 +194,7 @@ void dssim_map(const DssimParams& p, const DssimBuffers& b) {
   std::vector<TileStats> stats(static_cast<std::size_t>(tasks));
   const TileFunction tile = select_tile(p.window);
 
-#pragma omp parallel
+#pragma omp parallel if (b.n * b.c * b.h * b.w >= kParallelPixels)
   {
     Scratch scratch(rows, cols, p.window / 2);
 #pragma omp for schedule(static)

@@ -23,7 +23,8 @@ int cpu_threads() {
 
 namespace {
 
-constexpr std::int64_t kChunk = 1 << 14;  // pixels per task
+constexpr std::int64_t kChunk = 1 << 14;           // pixels per task
+constexpr std::int64_t kParallelPixels = 1 << 15;  // below this, waking threads costs more than it saves
 
 struct Partial {
   double before = 0.0;  // sum |x - x0| before the step
@@ -90,7 +91,7 @@ void update_cpu(const UpdateParams& p, const UpdateBuffers& b) {
   std::vector<Partial> partials(static_cast<std::size_t>(tasks));
   const RunFunction run = select_run(p);
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (b.n * b.c * plane >= kParallelPixels)
   for (std::int64_t t = 0; t < tasks; ++t) {
     const std::int64_t sample = t / (b.c * chunks);
     const std::int64_t channel = (t / chunks) % b.c;

@@ -155,3 +155,22 @@ def test_read_only_output_and_mode_mismatches():
         _call(s, m=np.zeros_like(s["x"]), v=np.zeros_like(s["x"]))
     with pytest.raises(ArrayError, match=r"distance: expected shape \(5,\)"):
         _call(s, distance=np.zeros(4, np.float32))
+
+
+def test_a_prepared_update_repeats_the_same_steps(arrays):
+    s = _state(np.random.default_rng(11), 3, 1, 20, 20)
+    config = ProjectionConfig(step="adam", alpha=0.01)
+    results = []
+    for prepared in (False, True):
+        dev = {k: arrays.put(val) for k, val in s.items()}
+        m, v = arrays.put(np.zeros_like(s["x"])), arrays.put(np.zeros_like(s["x"]))
+        out = (arrays.empty((3,), np.float32), arrays.empty((3,), np.float32))
+        args = (dev["x"], dev["x0"], dev["reconstruction"], dev["grad_lr"], dev["loss"], dev["active"],
+                dev["iterations"])
+        kw = dict(config=config, m=m, v=v, distance=out[0], energy=out[1])
+        call = kernels.prepare_update(*args, **kw) if prepared else (lambda: kernels.update(*args, **kw))
+        for _ in range(4):
+            distance, energy = call()
+        results.append((arrays.get(dev["x"]), arrays.get(dev["iterations"]), arrays.get(distance)))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
