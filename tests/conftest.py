@@ -102,7 +102,7 @@ class Arrays:
 
     def put(self, array: np.ndarray):
         if self.device == "cpu":
-            return np.ascontiguousarray(array)
+            return np.array(array, order="C", copy=True)  # the kernels write in place: never alias the caller's array
         return torch.from_numpy(np.ascontiguousarray(array)).cuda()
 
     def empty(self, shape, dtype):
