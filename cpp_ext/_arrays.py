@@ -104,7 +104,10 @@ def view_of(obj: Any, name: str) -> ArrayView:
         dtype = _NUMPY_NAMES.get(obj.dtype) or obj.dtype.name
         return ArrayView(name, obj.__array_interface__["data"][0], obj.shape, dtype, "cpu", 0,
                          flags.c_contiguous, not flags.writeable)
-    cai = getattr(obj, "__cuda_array_interface__", None)
+    try:
+        cai = getattr(obj, "__cuda_array_interface__", None)
+    except RuntimeError as error:  # torch refuses it for tensors that require grad
+        raise ArrayError(f"{name}: its CUDA array interface is refused ({error}); pass a detached array") from None
     if cai is not None:
         dtype = _TYPESTRS.get(cai["typestr"], cai["typestr"])
         shape = tuple(int(s) for s in cai["shape"])
