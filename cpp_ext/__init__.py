@@ -3,11 +3,15 @@
 - ``update``: one Hadamard-weighted (or masked, or unweighted) plain or Adam
   step of the projection for every active sample, in place, in one pass over
   the pixels; it returns per sample ||x_new - x0||_1 and the energy.
+- ``stop_check``: each sample's stop decision on the current iterate (Lr under
+  the stop threshold, or the energy no longer changing), kept in device arrays
+  so the loop never has to read it back to continue;
 - ``dssim_map``: the per-pixel DSSIM map, optionally with its mask at a
   threshold and each image's max and mean, in one pass.
 
-Semantics are those of the plain reference, ``eproj.train.projection.update_step``
-and ``eproj.train.losses.dssim_map``; tests hold the kernels to them.
+Semantics are those of the plain reference, ``eproj.train.projection.update_step``,
+``eproj.train.projection.stop_check`` and ``eproj.train.losses.dssim_map``;
+tests hold the kernels to them.
 
 NumPy arrays run on the CPU kernels. CUDA arrays (anything with
 ``__cuda_array_interface__`` or DLPack: CuPy, torch, pycuda, Numba, JAX; raw
@@ -34,7 +38,7 @@ from eproj.config import ProjectionConfig
 from eproj.cpp_ext._arrays import ArrayView, DeviceArray, device_array, stream_handle, view_of
 from eproj.errors import ArrayError, ConfigError
 
-__all__ = ["update", "dssim_map", "prepare_update", "prepare_dssim_map", "PreparedCall", "DssimResult", "device_array", "DeviceArray", "build_info", "cuda_available",
+__all__ = ["update", "dssim_map", "stop_check", "prepare_update", "prepare_dssim_map", "prepare_stop_check", "PreparedCall", "DssimResult", "device_array", "DeviceArray", "build_info", "cuda_available",
            "cuda_unavailable_reason", "MAX_WINDOW"]
 
 MAX_WINDOW = 31
@@ -241,6 +245,56 @@ def prepare_update(x: Any, x0: Any, reconstruction: Any, grad_lr: Any, loss: Any
             stream_handle(stream) if device == "cuda" else 0, xv.device_id)
     keep = [x, x0, reconstruction, grad_lr, loss, active, iterations, mask, m, v, *outputs]
     return PreparedCall(_load().update, args, keep, (outputs[0], outputs[1]))
+
+
+# ---------------------------------------------------------------------------
+# stop_check
+# ---------------------------------------------------------------------------
+
+STOP_BUFFERS = (("loss", ("float32",), False), ("distance", ("float32",), False), ("iterations", ("int32",), False),
+                ("active", ("bool", "uint8"), True), ("previous", ("float32",), True), ("reason", ("int32",), True),
+                ("final_loss", ("float32",), True), ("final_energy", ("float32",), True))
+
+
+def stop_check(loss: Any, distance: Any, iterations: Any, active: Any, previous: Any, reason: Any,
+               final_loss: Any, final_energy: Any, *, config: ProjectionConfig = ProjectionConfig(),
+               stream: Any = None) -> None:
+    """The stop check of every sample on the current iterate, in place; all arrays (N,).
+
+    With E = loss + lam * distance, an active sample records E and its loss in
+    ``final_energy`` and ``final_loss``, then stops (``active`` to 0) when loss <=
+    config.stop_threshold (``reason`` 1) or else, once it has taken a step
+    (``iterations`` > 0), when |previous - E| <= energy_tol |previous| (``reason`` 2).
+    ``previous`` becomes E for every sample. Reason codes index
+    ``eproj.config.STOP_REASON_CODES``; 0 means still running or stopped at the cap.
+
+    Args:
+        loss: float32, Lr at the iterate. distance: float32, ||x - x0||_1 at the
+            iterate (what ``update`` returns). iterations: int32, steps taken.
+        active: bool or uint8. previous: float32, +inf at the start. reason: int32,
+            0 at the start. final_loss, final_energy: float32.
+    """
+    prepare_stop_check(loss, distance, iterations, active, previous, reason, final_loss, final_energy,
+                       config=config, stream=stream)()
+
+
+def prepare_stop_check(loss: Any, distance: Any, iterations: Any, active: Any, previous: Any, reason: Any,
+                       final_loss: Any, final_energy: Any, *, config: ProjectionConfig = ProjectionConfig(),
+                       stream: Any = None) -> PreparedCall:
+    """``stop_check`` checked once and ready to run again."""
+    arrays = (loss, distance, iterations, active, previous, reason, final_loss, final_energy)
+    views = [view_of(obj, name) for obj, (name, _, _) in zip(arrays, STOP_BUFFERS)]
+    if len(views[0].shape) != 1:
+        raise ArrayError(f"loss: expected shape (N,), got {views[0].shape}")
+    n = views[0].shape[0]
+    for view, (_, dtypes, writable) in zip(views, STOP_BUFFERS):
+        _expect(view, (n,), dtypes, writable)
+    device = _same_device(views)
+    pointers = {view.name: view.pointer for view in views}
+    threshold = config.stop_threshold
+    args = (device, pointers, n, config.lam, threshold is not None, float(threshold or 0.0), config.energy_tol,
+            stream_handle(stream) if device == "cuda" else 0, views[0].device_id)
+    return PreparedCall(_load().stop_check, args, list(arrays), None)
 
 
 # ---------------------------------------------------------------------------

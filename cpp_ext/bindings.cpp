@@ -210,6 +210,42 @@ NB_MODULE(_kernels, m) {
       "stream"_a, "device_id"_a);
 
   m.def(
+      "stop_check",
+      [](const std::string& device, const nb::dict& pointers, std::int64_t n, double lam, bool has_threshold,
+         double threshold, double energy_tol, std::uintptr_t stream, int device_id) {
+        eproj::StopParams p{};
+        p.lam = static_cast<float>(lam);
+        p.has_threshold = has_threshold ? 1 : 0;
+        p.threshold = static_cast<float>(threshold);
+        p.energy_tol = static_cast<float>(energy_tol);
+        eproj::StopBuffers b{};
+        b.loss = required<const float>(pointers, "loss");
+        b.distance = required<const float>(pointers, "distance");
+        b.iterations = required<const std::int32_t>(pointers, "iterations");
+        b.active = required<std::uint8_t>(pointers, "active");
+        b.previous = required<float>(pointers, "previous");
+        b.reason = required<std::int32_t>(pointers, "reason");
+        b.final_loss = required<float>(pointers, "final_loss");
+        b.final_energy = required<float>(pointers, "final_energy");
+        b.n = n;
+        nb::gil_scoped_release release;
+        if (device == "cpu") {
+          eproj::stop_check_cpu(p, b);
+          return;
+        }
+#if defined(EPROJ_WITH_CUDA)
+        DeviceGuard guard(device_id);
+        eproj::stop_check_cuda(p, b, stream);
+#else
+        (void)stream;
+        (void)device_id;
+        throw std::logic_error("eproj kernels: built without CUDA");
+#endif
+      },
+      "device"_a, "pointers"_a, "n"_a, "lam"_a, "has_threshold"_a, "threshold"_a, "energy_tol"_a, "stream"_a,
+      "device_id"_a);
+
+  m.def(
       "cuda_unavailable_reason",
       []() -> std::string {
 #if defined(EPROJ_WITH_CUDA)

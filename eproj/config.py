@@ -12,6 +12,8 @@ from eproj.errors import ConfigError
 WEIGHTINGS = ("hadamard", "mask", "none")
 STEPS = ("plain", "adam")
 STOP_REASONS = ("threshold", "converged", "max_iters")
+# the stop reason of each code the stop check writes (0: still running, or stopped at the cap)
+STOP_REASON_CODES = ("max_iters", "threshold", "converged")
 
 
 @dataclass(frozen=True)

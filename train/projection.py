@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eproj.config import ProjectionConfig
+from eproj.config import STOP_REASON_CODES, ProjectionConfig
 from eproj.errors import ConfigError
 from eproj.train.losses import reconstruction_loss
 from eproj.train.models import Autoencoder
@@ -134,6 +134,58 @@ def update_step(x: torch.Tensor, x0: torch.Tensor, reconstruction: torch.Tensor,
     )
 
 
+@dataclass
+class StopState:
+    """Per-sample stop bookkeeping of the projection, all (N,): ``active`` bool;
+    ``previous`` the energy at the previous check; ``reason`` int64 code into
+    ``eproj.config.STOP_REASON_CODES``; ``final_loss`` and ``final_energy`` at the
+    last iterate checked while the sample was active."""
+
+    active: torch.Tensor
+    previous: torch.Tensor
+    reason: torch.Tensor
+    final_loss: torch.Tensor
+    final_energy: torch.Tensor
+
+    @classmethod
+    def start(cls, n: int, dtype: torch.dtype = torch.float32) -> "StopState":
+        return cls(torch.ones(n, dtype=torch.bool), torch.full((n,), float("inf"), dtype=dtype),
+                   torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype))
+
+
+def stop_check(loss: torch.Tensor, distance: torch.Tensor, iterations: torch.Tensor, state: StopState,
+               config: ProjectionConfig) -> StopState:
+    """The reference stop check, run on each iterate before the update.
+
+    This is the definition the fused kernels (eproj.cpp_ext.stop_check) are tested
+    against. With E = loss + lam * distance, an active sample records E and its
+    loss as final, then stops when loss <= config.stop_threshold ("threshold"), or
+    else, once it has taken a step, when |E_prev - E| <= energy_tol |E_prev|
+    ("converged"). Every sample's E becomes the next check's E_prev.
+
+    Args:
+        loss: (N,) Lr at the iterate. distance: (N,) ||x - x0||_1 at the iterate.
+        iterations: (N,) steps taken so far. state: the previous check's state.
+    Returns:
+        the new StopState (the inputs are not modified).
+    """
+    energy = loss + config.lam * distance
+    active = state.active
+    reason = state.reason.clone()
+    done = torch.zeros_like(active)
+    if config.stop_threshold is not None:
+        hit = active & (loss <= config.stop_threshold)
+        reason[hit] = STOP_REASON_CODES.index("threshold")
+        done |= hit
+    if config.energy_tol > 0:
+        flat = active & ~done & (iterations > 0) & \
+            ((state.previous - energy).abs() <= config.energy_tol * state.previous.abs())
+        reason[flat] = STOP_REASON_CODES.index("converged")
+        done |= flat
+    return StopState(active & ~done, energy, reason, torch.where(active, loss, state.final_loss),
+                     torch.where(active, energy, state.final_energy))
+
+
 @contextmanager
 def _frozen(model: Autoencoder) -> Iterator[None]:
     """Parameters need no gradient while projecting (saves the weight-gradient work)."""
@@ -174,35 +226,17 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
     n = x0.shape[0]
     x0 = x0.detach()
     x = x0.clone()
-    active = torch.ones(n, dtype=torch.bool)
     iterations = torch.zeros(n, dtype=torch.int64)
-    reasons = ["max_iters"] * n
-    previous = torch.full((n,), float("inf"), dtype=x0.dtype)
+    state = StopState.start(n, x0.dtype)
     m = torch.zeros_like(x0) if config.step == "adam" else None
     v = torch.zeros_like(x0) if config.step == "adam" else None
     with _frozen(model):
         for t in range(config.max_iters + 1):
             loss, reconstruction, grad_lr = loss_terms(model, x)
-            energy = loss + config.lam * (x - x0).abs().flatten(1).sum(dim=1)
-            if t == 0:
-                final_energy, final_loss = energy.clone(), loss.clone()
-            final_energy = torch.where(active, energy, final_energy)
-            final_loss = torch.where(active, loss, final_loss)
-            done = torch.zeros(n, dtype=torch.bool)
-            if config.stop_threshold is not None:
-                hit = active & (loss <= config.stop_threshold)
-                for i in torch.nonzero(hit).flatten().tolist():
-                    reasons[i] = "threshold"
-                done |= hit
-            if config.energy_tol > 0 and t > 0:
-                flat = active & ~done & ((previous - energy).abs() <= config.energy_tol * previous.abs())
-                for i in torch.nonzero(flat).flatten().tolist():
-                    reasons[i] = "converged"
-                done |= flat
-            active &= ~done
-            if t == config.max_iters or not bool(active.any()):
+            state = stop_check(loss, (x - x0).abs().flatten(1).sum(dim=1), iterations, state, config)
+            if t == config.max_iters or not bool(state.active.any()):
                 break
-            previous = energy
-            step = update_step(x, x0, reconstruction, grad_lr, loss, active, iterations, config, mask, m, v)
+            step = update_step(x, x0, reconstruction, grad_lr, loss, state.active, iterations, config, mask, m, v)
             x, m, v, iterations = step.x, step.m, step.v, step.iterations
-    return ProjectionResult(x, iterations, final_loss, final_energy, reasons)
+    reasons = [STOP_REASON_CODES[code] for code in state.reason.tolist()]
+    return ProjectionResult(x, iterations, state.final_loss, state.final_energy, reasons)

@@ -17,6 +17,9 @@ namespace eproj {
 // active samples. Inactive samples are left untouched.
 void update_cpu(const UpdateParams& params, const UpdateBuffers& buffers);
 
+// The stop check of every sample (see stop_sample in math.h).
+void stop_check_cpu(const StopParams& params, const StopBuffers& buffers);
+
 // DSSIM map (mean over channels), and optionally its mask and per-image max/mean.
 void dssim_map_cpu(const DssimParams& params, const DssimBuffers& buffers);
 
@@ -30,6 +33,7 @@ int cpu_threads();
 // Same semantics, on device pointers, launched on `stream` (a cudaStream_t).
 void update_cuda(const UpdateParams& params, const UpdateBuffers& buffers, std::uintptr_t stream);
 void dssim_map_cuda(const DssimParams& params, const DssimBuffers& buffers, std::uintptr_t stream);
+void stop_check_cuda(const StopParams& params, const StopBuffers& buffers, std::uintptr_t stream);
 
 // Empty when usable; otherwise why not (no driver, no device, ...).
 std::string cuda_unavailable_reason();

@@ -100,6 +100,50 @@ EPROJ_HD Stepped stepped_value(int step, const UpdateParams& p, BiasCorrection b
 }
 
 // ---------------------------------------------------------------------------
+// Stop check: per sample, on each iterate before the update
+// ---------------------------------------------------------------------------
+
+enum StopReason : int { kMaxIters = 0, kThreshold = 1, kConverged = 2 };
+
+struct StopParams {
+  float lam;
+  int has_threshold;
+  float threshold;   // stop when loss <= threshold (if has_threshold)
+  float energy_tol;  // stop when |E_prev - E| <= energy_tol |E_prev| (if > 0 and a step was taken)
+};
+
+// All (n,): loss, distance in; iterations read; active, previous, reason,
+// final_loss, final_energy read and written.
+struct StopBuffers {
+  const float* loss;
+  const float* distance;
+  const std::int32_t* iterations;
+  std::uint8_t* active;
+  float* previous;
+  std::int32_t* reason;
+  float* final_loss;
+  float* final_energy;
+  std::int64_t n;
+};
+
+EPROJ_HD void stop_sample(const StopParams& p, const StopBuffers& b, std::int64_t i) {
+  const float energy = b.loss[i] + p.lam * b.distance[i];
+  if (b.active[i]) {
+    b.final_loss[i] = b.loss[i];
+    b.final_energy[i] = energy;
+    if (p.has_threshold && b.loss[i] <= p.threshold) {
+      b.active[i] = 0;
+      b.reason[i] = kThreshold;
+    } else if (p.energy_tol > 0.0f && b.iterations[i] > 0 &&
+               fabsf(b.previous[i] - energy) <= p.energy_tol * fabsf(b.previous[i])) {
+      b.active[i] = 0;
+      b.reason[i] = kConverged;
+    }
+  }
+  b.previous[i] = energy;
+}
+
+// ---------------------------------------------------------------------------
 // DSSIM
 //
 // The 2-D Gaussian window is separable. The moments are accumulated in the
