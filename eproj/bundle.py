@@ -37,9 +37,12 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Hash every file named in ``manifest['graphs']`` and write ``manifest.json`` atomically."""
+    """Hash every file named in ``manifest['graphs']`` (and ``['weights']``) and write ``manifest.json`` atomically."""
     files = {}
-    for name in sorted({g["file"] for g in manifest["graphs"].values()}):
+    named = {g["file"] for g in manifest["graphs"].values()}
+    if "weights" in manifest:
+        named.add(manifest["weights"]["file"])
+    for name in sorted(named):
         path = folder / name
         files[name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
     payload = {"schema_version": SCHEMA_VERSION, **manifest, "files": files}

@@ -9,6 +9,7 @@
 - with ``fp16=True``, ``step_fp16.onnx``: the same step with the network and its
   backward pass in float16 (the loss terms, input and outputs in float32), with its error against ``step.onnx`` measured by ONNX
   Runtime and written into the manifest;
+- ``model.pt``: the checkpoint, for the runtime's torch backend;
 - ``manifest.json`` (``eproj.bundle``).
 
 N is dynamic in every graph. Each graph passes ``onnx.checker`` with full shape
@@ -31,7 +32,8 @@ from eproj import __version__
 from eproj.bundle import write_manifest
 from eproj.export.operators import ALLOWED_OPS
 from eproj.export.step import StepModule
-from eproj.train.checkpoint import TrainedModel, load_model
+from eproj.train.checkpoint import TrainedModel, load_model, save_model
+from eproj.train.data import fit_of
 from eproj.train.models import Autoencoder
 
 DEFAULT_OPSET = 17
@@ -169,7 +171,8 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         "model": cfg.to_dict(),
         "input": {"size": cfg.size, "channels": cfg.channels, "layout": "NCHW", "dtype": "float32",
                   "value_range": [0.0, 1.0], "channel_order": "RGB" if cfg.channels == 3 else "gray",
-                  "normalisation": "8-bit pixels divided by 255, 16-bit by 65535; no mean or std"},
+                  "normalisation": "8-bit pixels divided by 255, 16-bit by 65535; no mean or std",
+                  "fit": fit_of(trained.train["data"]) if trained.train.get("data") else "resize"},
         "lr_definition": LR_DEFINITIONS[cfg.family],
         "stop_threshold": float(cal["stop_threshold"]),
         "lr_stats": cal["lr_stats"],
@@ -177,5 +180,13 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         "projection": cal["projection"],
         "opset": opset,
         "graphs": graphs,
+        "weights": _copy_weights(trained, out),
     }
     return write_manifest(out, manifest)
+
+
+def _copy_weights(trained: TrainedModel, out: Path) -> dict[str, Any]:
+    """The checkpoint itself, for the runtime's torch backend (which runs the step
+    module, not autograd); hashed with the graphs."""
+    target = save_model(trained, out / "model.pt")
+    return {"file": target.name, "format": "eproj model (torch.load weights_only)"}

@@ -74,6 +74,26 @@ def tiny_model():
     return make
 
 
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory):
+    """One exported bundle per family (with step_fp16), from a briefly trained 32x32 model:
+    family -> (TrainedModel, bundle folder)."""
+    from eproj.export.onnx_graphs import export_bundle
+    from eproj.train.checkpoint import load_model
+    from eproj.train.models import FAMILIES, ModelConfig
+    from eproj.train.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("bundles")
+    folder = make_mvtec(root / "mvtec" / "nut", size=32)
+    out = {}
+    for family in FAMILIES:
+        path = train(root / family, ModelConfig(family=family, size=32, latent=8),
+                     TrainConfig(data=f"mvtec:{folder}", steps=3, batch=4, lr=1e-3), progress=False)
+        export_bundle(path, root / f"{family}-bundle", fp16=True)
+        out[family] = (load_model(path), root / f"{family}-bundle")
+    return out
+
+
 def _cuda_skip_reason() -> str:
     import eproj.cpp_ext as kernels
 

@@ -97,3 +97,13 @@ def load_model(path: str | Path) -> TrainedModel:
     if "calibration" not in payload:
         raise CheckpointError(f"{path} has no calibration; run `eproj calibrate` on its run")
     return TrainedModel(model_from_payload(payload, path), payload["calibration"], payload.get("train", {}), path)
+
+
+def save_model(trained: TrainedModel, path: Path) -> Path:
+    """Write ``trained`` as a ``model.pt`` (weights in float16 if it was trained for that)."""
+    half = trained.train.get("weights") == "float16"
+    state = {k: (v.half() if half else v) for k, v in trained.model.state_dict().items()}
+    save_atomic({"format": MODEL_FORMAT, "version": FORMAT_VERSION, "config": trained.config.to_dict(),
+                 "train": dict(trained.train), "step": int(trained.train.get("steps", 0)), "model": state,
+                 "calibration": trained.calibration}, Path(path))
+    return Path(path)

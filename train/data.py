@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from eproj.errors import DataError
+from eproj.tiles import tile, untile  # noqa: F401  (part of this module's interface)
 from eproj.train.defects import add_defect
 
 EMBEDDED_TEXTURES = ("brick", "grass")
@@ -351,21 +352,13 @@ class FolderSource(DataSource):
         return samples
 
 
-def tile(image: np.ndarray, size: int) -> list[np.ndarray]:
-    """Cut (H, W, C) with H, W multiples of size into row-major (size, size, C) tiles."""
-    h, w = image.shape[:2]
-    if h % size or w % size:
-        raise DataError(f"image of {w}x{h} cannot be tiled by {size}x{size}")
-    return [image[y:y + size, x:x + size] for y in range(0, h, size) for x in range(0, w, size)]
-
-
-def untile(tiles: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of ``tile`` for maps: (T, size, size, ...) -> (H, W, ...)."""
-    h, w = shape
-    size = tiles.shape[1]
-    rows = [np.concatenate(list(tiles[r * (w // size):(r + 1) * (w // size)]), axis=1)
-            for r in range(h // size)]
-    return np.concatenate(rows, axis=0)
+def fit_of(spec: str) -> str:
+    """How test images of a data spec meet the model size: "tile" (textures are cut
+    into tiles of the model size) or "resize" (objects are resized to it)."""
+    scheme, _, arg = spec.partition(":")
+    if scheme == "textures" or (scheme == "mvtec" and Path(arg).name in MVTEC_TEXTURES):
+        return "tile"
+    return "resize"
 
 
 def load_source(spec: str, size: int = 128, **kwargs) -> DataSource:

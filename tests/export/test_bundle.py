@@ -20,24 +20,6 @@ from eproj.train.models import FAMILIES
 GRAPHS = ("encoder.onnx", "decoder.onnx", "step.onnx", "step_fp16.onnx")
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    """One exported bundle per family, from a briefly trained 32x32 model."""
-    from conftest import make_mvtec
-    from eproj.train.models import ModelConfig
-    from eproj.train.trainer import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("bundles")
-    folder = make_mvtec(root / "mvtec" / "nut", size=32)
-    out = {}
-    for family in FAMILIES:
-        path = train(root / family, ModelConfig(family=family, size=32, latent=8),
-                     TrainConfig(data=f"mvtec:{folder}", steps=3, batch=4, lr=1e-3), progress=False)
-        export_bundle(path, root / f"{family}-bundle", fp16=True)
-        out[family] = (load_model(path), root / f"{family}-bundle")
-    return out
-
-
 def _inputs(batch: int) -> np.ndarray:
     rng = np.random.default_rng(batch)
     real = resize(skdata.grass().astype(np.float32)[:, :, None] / 255, 32)
@@ -101,7 +83,12 @@ def test_manifest_round_trip(bundles):
     manifest = load_manifest(folder)
     assert manifest["family"] == "gvae" and manifest["input"]["size"] == 32
     assert manifest["stop_threshold"] == pytest.approx(trained.stop_threshold)
-    assert set(manifest["files"]) == set(GRAPHS)
+    assert set(manifest["files"]) == set(GRAPHS) | {"model.pt"}
+    assert manifest["weights"]["file"] == "model.pt" and manifest["input"]["fit"] in ("tile", "resize")
+    from eproj.train.checkpoint import load_model
+
+    weights = load_model(folder / "model.pt")
+    assert weights.config == trained.config and weights.stop_threshold == trained.stop_threshold
     assert manifest["graphs"]["step"]["inputs"] == {"x": ["N", 1, 32, 32]}
     assert manifest["graphs"]["encoder"]["outputs"] == {"mu": ["N", 8], "logvar": ["N", 8]}
 

@@ -1,0 +1,63 @@
+"""The base class of the runtime's inference backends.
+
+A backend owns device memory and runs the bundle's step graph (x ->
+reconstruction, Lr, grad_x Lr) into buffers that stay put. The projection loop
+(``eproj.runtime.projector``) is written once against this interface; the fused
+kernels of ``eproj.cpp_ext`` run on the same buffers, on the backend's stream.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from eproj.runtime.bundle import Bundle
+
+STEP_OUTPUTS = ("reconstruction", "loss", "grad")
+
+
+class Backend(ABC):
+    """Subclasses set ``name`` and ``device`` ("cpu" or "cuda") and implement the hooks.
+
+    ``stream`` is what the kernels are launched on (None on the CPU).
+    """
+
+    name: str = ""
+    device: str = "cpu"
+    stream: Any = None
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+
+    # -- memory ------------------------------------------------------------
+    @abstractmethod
+    def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
+        """A C-contiguous buffer the kernels accept (NumPy on the CPU, a CUDA array on the GPU)."""
+
+    @abstractmethod
+    def upload(self, dst: Any, host: np.ndarray) -> None:
+        """Copy a host array into ``dst`` (ordered on the stream)."""
+
+    @abstractmethod
+    def download(self, src: Any) -> np.ndarray:
+        """A host copy of ``src``, after the work queued before it."""
+
+    # -- the step graph ----------------------------------------------------
+    @abstractmethod
+    def prepare_step(self, x: Any, reconstruction: Any, loss: Any, grad: Any) -> Callable[[], None]:
+        """A call that runs the step graph on ``x`` into the three output buffers."""
+
+    # -- execution ---------------------------------------------------------
+    def synchronize(self) -> None:
+        """Wait for the queued work (nothing to wait for on the CPU)."""
+
+    def capture(self, iteration: Callable[[], None]) -> Callable[[], None]:
+        """Return a faster equivalent of ``iteration`` (a CUDA graph on GPUs); the
+        buffers' contents are garbage afterwards. The CPU has nothing to capture."""
+        return iteration
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.device})"

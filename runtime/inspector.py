@@ -1,0 +1,170 @@
+"""The Python API for vision stacks: ``Inspector``.
+
+    from eproj.runtime import Inspector
+    inspector = Inspector.from_bundle("bundles/brick-l2ae")      # backend="auto"
+    results = inspector(frame)                                    # a BGR/gray uint8 frame, or a batch
+    results[0].mask, results[0].score, results[0].defect
+
+Each call preprocesses the frames as the bundle says, projects them (or, with
+``method="reconstruction"``, reconstructs them) on the chosen backend with the
+fused kernels, and returns one ``InspectionResult`` per frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eproj.config import ProjectionConfig
+from eproj.errors import ConfigError
+from eproj.runtime.backends import create_backend
+from eproj.runtime.backends.base import Backend
+from eproj.runtime.bundle import FITS, Bundle
+from eproj.runtime.frames import to_batch, to_frame, to_output_order
+from eproj.runtime.projector import METHODS, BatchOutput, Projector
+
+log = logging.getLogger("eproj.runtime")
+
+
+@dataclass
+class InspectionResult:
+    """One frame's verdict.
+
+    - ``anomaly_map``: (H, W) float32, DSSIM(frame, projection) at the frame's size;
+    - ``mask``: (H, W) bool, anomaly_map above the bundle's pixel threshold;
+    - ``score``: max of the map (at model resolution); ``defect``: score above the
+      bundle's image threshold;
+    - ``projection``: (H, W, C) float32 in [0, 1], in the frames' channel order
+      (the reconstruction for ``method="reconstruction"``);
+    - ``iterations``: projection steps taken (the most over the frame's tiles);
+      ``stop_reasons``: per tile, "threshold", "converged" or "max_iters";
+    - ``timings``: milliseconds of the batch the frame was in, by stage.
+    """
+
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    score: float
+    defect: bool
+    projection: np.ndarray
+    iterations: int
+    stop_reasons: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Inspector:
+    """Projection-and-segmentation of frames with one bundle on one backend.
+
+    Calls are serialised by a lock: one Inspector may be shared by threads, but
+    they take turns (the device buffers are reused). For parallel inspection,
+    give each thread its own Inspector.
+    """
+
+    def __init__(self, bundle: Bundle, backend: Backend, config: ProjectionConfig, method: str = "projection",
+                 fit: str | None = None, channel_order: str = "bgr", batch_size: int = 16,
+                 check_every: int | None = None, backend_note: str = ""):
+        if method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+        fit = fit or bundle.fit
+        if fit not in FITS:
+            raise ConfigError(f"fit must be one of {FITS}, got {fit!r}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.bundle, self.backend, self.config, self.method = bundle, backend, config, method
+        self.fit, self.channel_order, self.batch_size, self.check_every = fit, channel_order, batch_size, check_every
+        self.backend_note = backend_note or backend.describe()
+        self.pixel_threshold = bundle.threshold(method, "dssim")
+        self.score_threshold = bundle.threshold(method, "score")
+        self._projectors: dict[int, Projector] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, backend: str = "auto", *, device: str | None = None,
+                    method: str = "projection", fit: str | None = None, channel_order: str = "bgr",
+                    batch_size: int = 16, check_every: int | None = None, threads: int = 0,
+                    precision: str = "fp32", cuda_graphs: bool = True, **overrides: Any) -> "Inspector":
+        """Load a bundle (``eproj export``) and pick a backend.
+
+        Args:
+            backend: "auto" (TensorRT, then torch on CUDA, then ONNX Runtime on the
+                CPU), "onnxruntime", "torch" or "tensorrt"; ``device`` "cpu" or "cuda".
+            method: "projection", or "reconstruction" for the baseline.
+            fit: "none", "resize" or "tile"; default the bundle's.
+            channel_order: of colour frames, "bgr" (OpenCV) or "rgb".
+            batch_size: tiles per batch through the loop.
+            check_every: iterations between reads of the stop flags (1 on the CPU, 8 on GPUs).
+            **overrides: projection parameters (alpha, lam, step, weighting, max_iters,
+                energy_tol, stop_threshold, adam_beta1, ...), default the bundle's.
+        """
+        bundle = Bundle.load(path)
+        config = bundle.projection_config(**overrides)
+        chosen, note = create_backend(bundle, backend, device, threads=threads, precision=precision,
+                                      cuda_graphs=cuda_graphs)
+        log.info("eproj runtime: %s", note)
+        return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note)
+
+    def _projector(self, n: int) -> Projector:
+        if n not in self._projectors:
+            self._projectors[n] = Projector(self.backend, n, self.bundle.channels, self.bundle.size, self.config,
+                                            self.pixel_threshold, self.method, self.check_every)
+        return self._projectors[n]
+
+    def __call__(self, frames: Any, known_mask: Any = None) -> list[InspectionResult]:
+        """Inspect one frame or a batch (H x W, H x W x C, N x H x W x C, or a list).
+
+        ``known_mask``: with ``weighting="mask"``, one (H, W) mask per frame, 1 where
+        pixels may change.
+        """
+        with self._lock:
+            start = time.perf_counter()
+            x0, layouts, mask = to_batch(frames, self.bundle.size, self.bundle.channels, self.fit,
+                                         self.channel_order, known_mask)
+            if (mask is None) != (self.config.weighting != "mask"):
+                raise ConfigError("a known_mask is needed exactly when weighting='mask' "
+                                  f"(weighting={self.config.weighting!r})")
+            prepared = time.perf_counter()
+            parts = [self._projector(min(self.batch_size, len(x0) - i)).run(
+                x0[i:i + self.batch_size], None if mask is None else mask[i:i + self.batch_size])
+                for i in range(0, len(x0), self.batch_size)]
+            out = _concatenate(parts)
+            looped = time.perf_counter()
+            results = self._results(out, layouts)
+            timings = {"preprocess": 1e3 * (prepared - start),
+                       "iterations": sum(p.timings["iterations"] for p in parts),
+                       "dssim": sum(p.timings["dssim"] for p in parts),
+                       "postprocess": 1e3 * (time.perf_counter() - looped)
+                       + sum(p.timings["download"] for p in parts)}
+            timings["total"] = 1e3 * (time.perf_counter() - start)
+            for r in results:
+                r.timings = dict(timings)
+            return results
+
+    def _results(self, out: BatchOutput, layouts: list) -> list[InspectionResult]:
+        channels = self.bundle.channels
+        targets = out.target.transpose(0, 2, 3, 1)
+        results = []
+        for layout in layouts:
+            rows = slice(layout.start, layout.start + layout.count)
+            score = float(out.tile_max[rows].max())
+            projection = to_output_order(to_frame(targets, layout, self.fit), channels, self.channel_order)
+            results.append(InspectionResult(
+                anomaly_map=to_frame(out.dssim, layout, self.fit),
+                mask=to_frame(out.mask.astype(np.uint8), layout, self.fit, nearest=True).astype(bool),
+                score=score, defect=bool(score > self.score_threshold),
+                projection=projection, iterations=int(out.iterations[rows].max()),
+                stop_reasons=list(out.stop_reason[rows])))
+        return results
+
+
+def _concatenate(parts: list[BatchOutput]) -> BatchOutput:
+    if len(parts) == 1:
+        return parts[0]
+    return BatchOutput(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                         ("target", "dssim", "mask", "tile_max", "iterations")),
+                       stop_reason=[r for p in parts for r in p.stop_reason],
+                       loss=np.concatenate([p.loss for p in parts]), timings={})
