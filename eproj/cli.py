@@ -112,6 +112,70 @@ def _cmd_build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from eproj.runtime.cli import cmd_run
+
+    return cmd_run(args)
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,8,32, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return values
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from eproj.files import write_atomic
+    from eproj.runtime.bench import bench
+
+    if args.threads:
+        try:
+            import torch
+
+            torch.set_num_threads(args.threads)  # the reference row's threads
+        except ImportError:
+            pass
+    result = bench(args.bundle, backend=args.backend, device=args.device, batches=args.batch, iters=args.iters,
+                   size=args.size, warmup=args.warmup, repeats=args.repeats, threads=args.threads or 0,
+                   precision=args.precision, reference=not args.no_reference)
+    text = json.dumps(result, indent=2)
+    write_atomic(Path(args.json), (text + "\n").encode())
+    print(f"{'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'fps':>8} {'reference p50':>14} {'speed-up':>9}")
+    for row in result["rows"]:
+        ref = row.get("reference_eager_autograd", {})
+        ref_p50 = f"{ref['p50_ms']:.1f}" if ref.get("available") else "n/a"
+        speedup = f"{row['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in row else "n/a"
+        print(f"{row['batch']:>5} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['fps']:>8.1f} {ref_p50:>14} "
+              f"{speedup:>9}")
+    print(f"{result['backend']}; wrote {args.json}")
+    return 0
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="a bundle folder (eproj export)")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch", "tensorrt"), default="auto",
+                   help="auto: TensorRT, then torch on CUDA, then ONNX Runtime on the CPU")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="for onnxruntime and torch")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16 runs step_fp16 (export --fp16) or an fp16 engine")
+    p.add_argument("--method", choices=("projection", "reconstruction"), default="projection")
+    p.add_argument("--fit", choices=("none", "resize", "tile"), default=None, help="default: the bundle's")
+
+
+def _projection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-iters", type=int, default=None, help="iteration cap (default: the bundle's)")
+    p.add_argument("--alpha", type=float, default=None, help="step size")
+    p.add_argument("--lam", type=float, default=None, help="weight of ||x - x0||_1")
+    p.add_argument("--step", choices=("plain", "adam"), default=None)
+    p.add_argument("--weighting", choices=("hadamard", "none"), default=None)
+    p.add_argument("--energy-tol", type=float, default=None)
+    p.add_argument("--stop-threshold", type=float, default=None, help="default: the bundle's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eproj", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"eproj {__version__}")
@@ -181,6 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=32)
     p.add_argument("--workspace-mb", type=_positive_int, default=1024)
     p.set_defaults(func=_cmd_build_engine)
+
+    p = sub.add_parser("run", help="inspect frames from a camera, video, folder or glob with a bundle")
+    _runtime_options(p)
+    _projection_options(p)
+    p.add_argument("--source", required=True, help="camera:N, a video file, an image folder or a glob")
+    p.add_argument("--out", required=True, help="folder for masks/, overlays/ and results.jsonl")
+    p.add_argument("--show", action="store_true", help="show each overlay in a window (q quits)")
+    p.add_argument("--max-frames", type=_positive_int, default=None, help="stop after this many frames")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="latency of the runtime against the eager-autograd reference")
+    _runtime_options(p)
+    p.add_argument("--batch", type=_batches, default=(1, 8, 32), help="batch sizes [1,8,32]")
+    p.add_argument("--iters", type=int, default=30, help="iterations per frame, all run [30]")
+    p.add_argument("--size", type=_positive_int, default=None, help="frame side [the model's]")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=_positive_int, default=20)
+    p.add_argument("--no-reference", action="store_true", help="skip the eager-autograd row")
+    p.add_argument("--json", required=True)
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="reconstruction vs projection on the embedded textures")
     p.add_argument("--out", default="demo-out")

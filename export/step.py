@@ -4,7 +4,10 @@ No exporter can export autograd, so the input gradient is written out layer by
 layer with forward operators only:
 
 - a convolution's input gradient is a transposed convolution with the same
-  weights (and a transposed convolution's is a convolution);
+  weights (and a transposed convolution's is a convolution). A stride-1
+  transposed convolution is written as the equivalent convolution (kernel
+  flipped, channel axes swapped), which ONNX Runtime's CPU provider runs 1.5 to
+  2.6 times as fast;
 - LeakyReLU's and the sigmoid's are elementwise factors of their outputs;
 - the DSAE's DSSIM loss is differentiated through its Gaussian moments. The
   Gaussian filter with symmetric borders is linear along each axis, so it is
@@ -49,11 +52,24 @@ def gaussian_matrix(n: int, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA
     return a
 
 
+def transposed_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                    output_padding: tuple[int, int] = (0, 0), bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv_transpose2d``; at stride 1 as the convolution it equals."""
+    k = weight.shape[-1]
+    if tuple(stride) == (1, 1) and tuple(output_padding) == (0, 0) and weight.shape[-2] == k \
+            and padding[0] == padding[1] and padding[0] <= k - 1:
+        return F.conv2d(x, weight.flip(-1, -2).transpose(0, 1), bias, padding=k - 1 - padding[0])
+    return F.conv_transpose2d(x, weight, bias, stride=stride, padding=padding, output_padding=output_padding)
+
+
 def _layer_input_grad(layer: nn.Module, grad_out: torch.Tensor, output: torch.Tensor,
                       input_shape: torch.Size) -> torch.Tensor:
     """Gradient at a layer's input from the gradient at its output (forward ops only)."""
     if isinstance(layer, nn.LeakyReLU):
-        return torch.where(output > 0, grad_out, grad_out * layer.negative_slope)
+        # the slope where the output is negative, 1 elsewhere, as arithmetic: ONNX Runtime's
+        # CPU Where was half of the whole step's time at batch 16
+        slope = layer.negative_slope
+        return grad_out * (slope + (1.0 - slope) * (output > 0).to(grad_out.dtype))
     if isinstance(layer, nn.Sigmoid):
         return grad_out * output * (1.0 - output)
     if isinstance(layer, nn.Conv2d):
@@ -61,7 +77,7 @@ def _layer_input_grad(layer: nn.Module, grad_out: torch.Tensor, output: torch.Te
         out_h, out_w = grad_out.shape[-2:]
         in_h, in_w = input_shape[-2:]
         extra = (in_h - ((out_h - 1) * s - 2 * p + k), in_w - ((out_w - 1) * s - 2 * p + k))
-        return F.conv_transpose2d(grad_out, layer.weight, stride=s, padding=p, output_padding=extra)
+        return transposed_conv(grad_out, layer.weight, layer.stride, layer.padding, extra)
     if isinstance(layer, nn.ConvTranspose2d):
         return F.conv2d(grad_out, layer.weight, stride=layer.stride, padding=layer.padding)
     raise TypeError(f"no analytic input gradient for layer {type(layer).__name__}")
@@ -71,7 +87,11 @@ def _run(layers: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
     """Outputs of every layer, with the input first."""
     values = [x]
     for layer in layers:
-        values.append(layer(values[-1]))
+        if isinstance(layer, nn.ConvTranspose2d):
+            values.append(transposed_conv(values[-1], layer.weight, layer.stride, layer.padding,
+                                          layer.output_padding, layer.bias))
+        else:
+            values.append(layer(values[-1]))
     return values
 
 
