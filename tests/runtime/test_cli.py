@@ -1,0 +1,151 @@
+"""eproj run and eproj bench end to end: a folder with a broken image, a video
+made by OpenCV, a run killed half-way, a camera that drops out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import texture
+from eproj.cli import main
+from eproj.runtime.sources import _camera
+
+
+def _images(folder: Path, n: int, size: int = 32) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(n):
+        image = (texture(rng, size) * 255).astype(np.uint8)
+        if i % 3 == 1:
+            image[8:16, 8:20] = 10
+        cv2.imwrite(str(folder / f"part{i:03d}.png"), image)
+        names.append(f"part{i:03d}")
+    return names
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_folder_with_a_broken_image(bundles, tmp_path, capsys):
+    names = _images(tmp_path / "in", 4)
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    assert main(["run", str(bundles["l2ae"][1]), "--backend", "onnxruntime", "--max-iters", "3",
+                 "--source", str(tmp_path / "in"), "--out", str(out)]) == 0
+    lines = _lines(out / "results.jsonl")
+    assert [line["name"] for line in lines] == sorted(names + ["broken"])
+    broken = next(line for line in lines if line["name"] == "broken")
+    assert "not a readable image" in broken["error"]
+    assert "skipped broken" in capsys.readouterr().err
+    for line in lines:
+        if "error" in line:
+            continue
+        assert set(line) >= {"score", "defect", "iterations", "latency_ms"}
+        mask = cv2.imread(str(out / "masks" / f"{line['name']}.png"), cv2.IMREAD_GRAYSCALE)
+        picture = cv2.imread(str(out / "overlays" / f"{line['name']}.jpg"))
+        assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
+        assert picture.shape == (32, 32, 3)
+
+
+def test_video_file(bundles, tmp_path):
+    path = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 32))
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        writer.write(cv2.cvtColor((texture(rng, 32) * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR))
+    writer.release()
+    out = tmp_path / "out"
+    assert main(["run", str(bundles["vae"][1]), "--backend", "onnxruntime", "--max-iters", "2",
+                 "--source", str(path), "--out", str(out)]) == 0
+    lines = _lines(out / "results.jsonl")
+    assert [line["name"] for line in lines] == [f"line-{i:06d}" for i in range(6)]
+    assert all("score" in line for line in lines)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_a_run_stopped_half_way_leaves_valid_files(bundles, tmp_path, how):
+    _images(tmp_path / "in", 150)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "eproj.cli", "run", str(bundles["l2ae"][1]),
+                                "--backend", "onnxruntime", "--max-iters", "100", "--stop-threshold", "-1",
+                                "--source", str(tmp_path / "in"), "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not results.exists() or results.read_text().count("\n") < 3):
+        time.sleep(0.05)
+    os.kill(process.pid, how)
+    process.wait(timeout=30)
+    lines = _lines(results)  # every line parses
+    assert 3 <= len(lines) < 150
+    for line in lines:
+        assert cv2.imread(str(out / "masks" / f"{line['name']}.png")) is not None
+        assert cv2.imread(str(out / "overlays" / f"{line['name']}.jpg")) is not None
+    finished = [p for p in (out / "masks").iterdir() if not p.name.endswith(".tmp")]
+    assert all(cv2.imread(str(p)) is not None for p in finished)
+
+
+def test_a_camera_that_drops_out_is_reopened_with_back_off():
+    class FakeCamera:
+        script = [True, False, False, True, True]  # what successive reads return across reopenings
+
+        def __init__(self, index):
+            self.open = True
+
+        def isOpened(self):
+            return self.open
+
+        def read(self):
+            ok = FakeCamera.script.pop(0) if FakeCamera.script else True
+            return ok, (np.zeros((8, 8, 3), np.uint8) if ok else None)
+
+        def release(self):
+            self.open = False
+
+    sleeps = []
+    frames = _camera(0, gray=True, sleep=sleeps.append, open_capture=FakeCamera)
+    got = [next(frames) for _ in range(5)]
+    assert [f.image is not None for f in got] == [True, False, False, True, True]
+    assert sleeps == [0.25, 0.5]  # doubled while it kept failing
+    assert got[1].error.startswith("camera 0 delivered no frame") and got[3].image.shape == (8, 8)
+
+
+def test_bad_sources_and_show_without_a_gui(bundles, tmp_path, capsys):
+    bundle = str(bundles["l2ae"][1])
+    assert main(["run", bundle, "--backend", "onnxruntime", "--source", str(tmp_path / "nothing*"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "is no camera:N, video file, image folder or matching glob" in capsys.readouterr().err
+    assert main(["run", bundle, "--backend", "onnxruntime", "--source", "camera:x", "--out", str(tmp_path)]) == 2
+    assert "a camera source looks like camera:0" in capsys.readouterr().err
+    _images(tmp_path / "in", 1)
+    try:
+        cv2.namedWindow("probe")
+        pytest.skip("this OpenCV has a GUI")
+    except cv2.error:
+        pass
+    assert main(["run", bundle, "--backend", "onnxruntime", "--source", str(tmp_path / "in"),
+                 "--out", str(tmp_path / "o"), "--show"]) == 2
+    assert "--show needs OpenCV with GUI support" in capsys.readouterr().err
+
+
+def test_bench_writes_latency_rows_beside_the_reference(bundles, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(bundles["dsae"][1]), "--backend", "onnxruntime", "--batch", "1,3", "--iters", "2",
+                 "--repeats", "2", "--warmup", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["rows"]] == [1, 3]
+    for row in result["rows"]:
+        assert row["p50_ms"] <= row["p99_ms"] and row["fps"] > 0 and row["iterations"] == 2
+        assert set(row["stages_ms"]) == {"preprocess", "iterations", "dssim", "postprocess"}
+        assert row["reference_eager_autograd"]["available"] and row["speedup_vs_reference"] > 0

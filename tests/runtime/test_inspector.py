@@ -1,0 +1,139 @@
+"""The Inspector API: the inputs vision stacks hold, geometry, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import texture
+from eproj.bundle import BundleError
+from eproj.errors import ConfigError, DataError
+from eproj.runtime import Inspector
+
+
+@pytest.fixture(scope="module")
+def inspector(bundles):
+    return Inspector.from_bundle(bundles["l2ae"][1], backend="onnxruntime", max_iters=5, fit="none")
+
+
+def _frame(seed=0, size=32):
+    return (texture(np.random.default_rng(seed), size) * 255).astype(np.uint8)
+
+
+def test_every_accepted_form_gives_the_same_answer(inspector):
+    f = _frame()
+    base = inspector(f)[0]
+    assert base.anomaly_map.shape == (32, 32) and base.mask.shape == (32, 32) and base.mask.dtype == bool
+    assert base.projection.shape == (32, 32, 1) and 0 <= base.iterations <= 5
+    assert set(base.timings) == {"preprocess", "iterations", "dssim", "postprocess", "total"}
+    for form in (f[:, :, None], [f], np.stack([f, f])[:, :, :, None], f.astype(np.float32) / 255,
+                 f.astype(np.uint16) * 257):
+        got = inspector(form)[0]
+        np.testing.assert_allclose(got.anomaly_map, base.anomaly_map, atol=1e-5)
+        assert got.score == pytest.approx(base.score, abs=1e-5)
+
+
+def test_batches_larger_than_the_batch_size_are_split(bundles):
+    small = Inspector.from_bundle(bundles["l2ae"][1], backend="onnxruntime", max_iters=3, fit="none", batch_size=2)
+    frames = [_frame(i) for i in range(5)]
+    whole = Inspector.from_bundle(bundles["l2ae"][1], backend="onnxruntime", max_iters=3, fit="none")(frames)
+    for a, b in zip(small(frames), whole):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+
+
+def test_resize_and_tile_return_maps_at_the_frame_size(bundles):
+    folder = bundles["l2ae"][1]
+    tiled = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=2, fit="tile")
+    frame = (texture(np.random.default_rng(1), 64) * 255).astype(np.uint8)[:, :48]
+    with pytest.raises(DataError, match="64 x 48 cannot be tiled by 32 x 32"):
+        tiled(frame)
+    r = tiled(frame[:, :32].copy())[0]
+    assert r.anomaly_map.shape == (64, 32) and r.projection.shape == (64, 32, 1) and len(r.stop_reasons) == 2
+    resized = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=2, fit="resize")(frame)[0]
+    assert resized.anomaly_map.shape == (64, 48) and resized.mask.shape == (64, 48)
+
+
+def test_reconstruction_baseline(bundles):
+    r = Inspector.from_bundle(bundles["vae"][1], backend="onnxruntime", method="reconstruction", fit="none")(_frame())[0]
+    assert r.iterations == 0 and r.stop_reasons == ["none"]
+
+
+@pytest.mark.parametrize("frames,message", [
+    (np.zeros((40, 32), np.uint8), "the model takes 32 x 32 frames, got 40 x 32"),
+    (np.zeros((32, 32, 3), np.uint8), r"expects 1 channel \(gray\), got 3"),
+    (np.zeros((32, 32, 5), np.uint8), "a 3-D array is one H x W x C frame"),
+    (np.full((32, 32), 2.0, np.float32), r"float pixels must lie in \[0, 1\], got \[2, 2\]"),
+    (np.full((32, 32), np.nan, np.float32), "NaN or Inf"),
+    (np.zeros((32, 32), np.int64), "dtype must be uint8, uint16 or float, got int64"),
+    ([], "no frames: the batch is empty"),
+    ("frame.png", "frames must be a NumPy array or a list of them, got str"),
+])
+def test_bad_frames_get_clear_errors(inspector, frames, message):
+    with pytest.raises(DataError, match=message):
+        inspector(frames)
+
+
+def test_bad_options_and_bundles(bundles, tmp_path):
+    folder = bundles["l2ae"][1]
+    with pytest.raises(ConfigError, match=r"unknown projection parameter\(s\) \['alpah'\]"):
+        Inspector.from_bundle(folder, backend="onnxruntime", alpah=0.1)
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        Inspector.from_bundle(folder, backend="openvino")
+    with pytest.raises(BundleError, match="is not a bundle"):
+        Inspector.from_bundle(tmp_path, backend="onnxruntime")
+    old = tmp_path / "old"
+    old.mkdir()
+    for p in folder.iterdir():
+        (old / p.name).write_bytes(p.read_bytes())
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema version 99; this eproj reads version 1"):
+        Inspector.from_bundle(old, backend="onnxruntime")
+
+
+def test_auto_picks_and_says_why(bundles):
+    inspector = Inspector.from_bundle(bundles["l2ae"][1], fit="none")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert inspector.backend.name == "onnxruntime"
+        assert "passed over tensorrt" in inspector.backend_note and "torch-cuda" in inspector.backend_note
+
+
+def test_threads_share_an_inspector_in_turn(inspector):
+    frames = [_frame(i) for i in range(4)]
+    expected = [inspector(f)[0].score for f in frames]
+    got = [None] * 4
+
+    def work(i):
+        got[i] = inspector(frames[i])[0].score
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_colour_frames_are_bgr_by_default(tmp_path):
+    from conftest import make_mvtec
+    from eproj.export.onnx_graphs import export_bundle
+    from eproj.train.models import ModelConfig
+    from eproj.train.trainer import TrainConfig, train
+
+    data = make_mvtec(tmp_path / "mvtec" / "pill", size=32, channels=3)
+    run = train(tmp_path / "run", ModelConfig(family="l2ae", size=32, latent=8, channels=3),
+                TrainConfig(data=f"mvtec:{data}", steps=2, batch=4), progress=False)
+    export_bundle(run, tmp_path / "bundle")
+    rgb = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    as_bgr = Inspector.from_bundle(tmp_path / "bundle", backend="onnxruntime", max_iters=2, fit="none")
+    as_rgb = Inspector.from_bundle(tmp_path / "bundle", backend="onnxruntime", max_iters=2, fit="none",
+                                   channel_order="rgb")
+    a, b = as_bgr(rgb[:, :, ::-1].copy())[0], as_rgb(rgb)[0]
+    np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+    np.testing.assert_allclose(a.projection[:, :, ::-1], b.projection, atol=1e-6)  # each in its caller's order
