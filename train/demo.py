@@ -1,8 +1,11 @@
 """The demo: plain reconstruction against projection on the embedded textures.
 
 For every shipped model (``eproj/models/<texture>-<family>.pt``, each produced
-by the command in ``SHIPPED``) it evaluates both methods on the texture's test
-set, writes ``report.json`` and one PNG panel per model, and prints a table.
+by the command in ``SHIPPED``) it exports a bundle (``eproj export``) and
+evaluates both methods on the texture's test set with the runtime, the way an
+inspection line runs it: ONNX Runtime on the CPU and the fused kernels
+(``eproj.runtime.Inspector``). It writes ``report.json`` and one PNG panel per
+model, and prints a table.
 ``--train`` retrains the models from scratch with the same commands first.
 """
 
@@ -19,6 +22,8 @@ import numpy as np
 from eproj import __version__
 from eproj.errors import CheckpointError, DataError
 from eproj.train.checkpoint import TrainedModel, load_model
+from eproj.export.onnx_graphs import export_bundle
+from eproj.runtime import Inspector
 from eproj.train.evaluate import SampleResult, evaluate, write_json
 
 MODELS_DIR = Path(str(resources.files("eproj") / "models"))
@@ -148,11 +153,17 @@ def run_demo(out: Path, retrain: bool = False, steps: int | None = None) -> dict
         data = trained.train.get("data")
         if not data:
             raise DataError(f"{path} does not record its training data")
-        recon_report, recon = evaluate(trained, data, "reconstruction")
-        proj_report, proj = evaluate(trained, data, "projection")
+        bundle = out / "bundles" / name
+        export_bundle(trained, bundle)
+        inspectors = {method: Inspector.from_bundle(bundle, backend="onnxruntime", method=method, fit="none",
+                                                    channel_order="rgb", batch_size=48)
+                      for method in ("reconstruction", "projection")}
+        recon_report, recon = evaluate(trained, data, "reconstruction", inspector=inspectors["reconstruction"])
+        proj_report, proj = evaluate(trained, data, "projection", inspector=inspectors["projection"])
         report["models"][name] = {
             "model": str(path), "data": data, "family": trained.config.family,
             "train_command": train_command(name), "steps": trained.train.get("steps"),
+            "engine": proj_report["engine"], "bundle": str(bundle),
             "reconstruction": _method_summary(recon_report), "projection": _method_summary(proj_report),
         }
         a_rec = recon_report["metrics"]["dssim"]["pixel_auroc"]

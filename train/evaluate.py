@@ -5,6 +5,10 @@ Two methods produce the image a test image is compared with:
 - ``reconstruction``: the plain baseline, f(x0);
 - ``projection``: the energy projection of x0 (``eproj.train.projection``).
 
+Either runs on the reference (PyTorch, autograd) or, given an
+``eproj.runtime.Inspector`` of the same model, on the runtime (a bundle's
+step graph and the fused kernels), which is what the demo uses.
+
 Both give two anomaly maps: DSSIM(x0, target) (the method's map) and the
 squared residual. Test images larger than the model input (textures) are cut
 into tiles of the model size and the maps stitched back.
@@ -62,10 +66,13 @@ class MethodOutput:
 
 def run_method(model: Autoencoder, images: np.ndarray, method: str,
                config: ProjectionConfig | None = None, batch: int = 32,
-               progress: bool = False, desc: str = "") -> MethodOutput:
-    """Apply a method to (N, C, S, S) float32 images in [0, 1], ``batch`` images at a time."""
+               progress: bool = False, desc: str = "", inspector: Any = None) -> MethodOutput:
+    """Apply a method to (N, C, S, S) float32 images in [0, 1], ``batch`` images at a time,
+    on the reference or, with ``inspector`` (an eproj.runtime.Inspector), on the runtime."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if inspector is not None:
+        return _run_inspector(inspector, images, method, batch, progress, desc)
     if method == "projection" and config is None:
         raise ConfigError("the projection method needs a ProjectionConfig")
     targets, dssim, l2, iterations, reasons = [], [], [], [], []
@@ -90,6 +97,24 @@ def run_method(model: Autoencoder, images: np.ndarray, method: str,
                         np.concatenate(iterations), reasons)
 
 
+def _run_inspector(inspector: Any, images: np.ndarray, method: str, batch: int, progress: bool,
+                   desc: str) -> MethodOutput:
+    if inspector.method != method:
+        raise ConfigError(f"the inspector runs {inspector.method}, not {method}")
+    targets, dssim, iterations, reasons = [], [], [], []
+    chunks = range(0, len(images), batch)
+    for start in tqdm(chunks, desc=desc or method, unit="batch", disable=not progress, leave=False):
+        part = images[start:start + batch]
+        results = inspector([image.transpose(1, 2, 0) for image in part])
+        targets.append(np.stack([r.projection.transpose(2, 0, 1) for r in results]))
+        dssim.append(np.stack([r.anomaly_map for r in results]))
+        iterations.append(np.array([r.iterations for r in results], np.int64))
+        reasons += [r.stop_reasons[0] for r in results]
+    target = np.concatenate(targets)
+    l2 = ((images - target) ** 2).mean(axis=1)
+    return MethodOutput(target, {"dssim": np.concatenate(dssim), "l2": l2}, np.concatenate(iterations), reasons)
+
+
 @dataclass
 class SampleResult:
     """One test image after a method: maps kind -> (H, W); target (H, W, C); score = max DSSIM;
@@ -104,7 +129,8 @@ class SampleResult:
 
 
 def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str,
-                   config: ProjectionConfig | None, progress: bool = True) -> list[SampleResult]:
+                   config: ProjectionConfig | None, progress: bool = True,
+                   inspector: Any = None) -> list[SampleResult]:
     """Apply a method to test images of any size that tiles by the model size."""
     size, channels = trained.config.size, trained.config.channels
     tiles, owners = [], []
@@ -116,7 +142,7 @@ def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str
         tiles += parts
         owners += [i] * len(parts)
     out = run_method(trained.model, to_batch(tiles), method, config, progress=progress,
-                     desc=f"{method} {trained.config.family}")
+                     desc=f"{method} {trained.config.family}", inspector=inspector)
     owners_arr = np.asarray(owners)
     results = []
     for i, s in enumerate(samples):
@@ -169,11 +195,13 @@ def write_json(payload: dict[str, Any], path: Path) -> None:
     write_atomic(path, json.dumps(payload, indent=2).encode())
 
 
-def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = True,
+def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = True, inspector: Any = None,
              **overrides: Any) -> tuple[dict[str, Any], list[SampleResult]]:
     """Evaluate ``trained`` with ``method`` on the test set of ``data``.
 
     ``overrides`` replace the model's stored projection parameters (see ProjectionConfig).
+    With ``inspector`` (an eproj.runtime.Inspector of the same model, fit "none",
+    channel order "rgb"), the runtime computes the maps; its configuration rules.
     """
     source = load_source(data, size=trained.config.size)
     if source.channels != trained.config.channels:
@@ -181,10 +209,13 @@ def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = Tru
                         f"{trained.config.channels}")
     samples = source.test()
     config = projection_config(trained, **overrides) if method == "projection" else None
+    if inspector is not None and method == "projection":
+        config = inspector.config
     start = time.perf_counter()
-    results = run_on_samples(trained, samples, method, config, progress)
+    results = run_on_samples(trained, samples, method, config, progress, inspector)
     seconds = time.perf_counter() - start
     report = {"model": str(trained.path), "family": trained.config.family, "data": data, "method": method,
+              "engine": "reference (PyTorch autograd)" if inspector is None else f"runtime: {inspector.backend_note}",
               "projection": None if config is None else config.to_dict(),
               "seconds": seconds, "images_per_second": len(samples) / seconds}
     report.update(summarise(trained, results, method))
