@@ -156,7 +156,7 @@ class PreparedCall:
 
 def update(x: Any, x0: Any, reconstruction: Any, grad_lr: Any, loss: Any, active: Any, iterations: Any, *,
            config: ProjectionConfig = ProjectionConfig(), mask: Any = None, m: Any = None, v: Any = None,
-           distance: Any = None, energy: Any = None, stream: Any = None) -> tuple[Any, Any]:
+           distance: Any = None, energy: Any = None, stream: Any = None, threads: int = 0) -> tuple[Any, Any]:
     """One projection step for every active sample, in place; the fused kernel.
 
     Args:
@@ -174,17 +174,19 @@ def update(x: Any, x0: Any, reconstruction: Any, grad_lr: Any, loss: Any, active
             ``step="adam"``; updated in place.
         distance, energy: (N,) float32 outputs; allocated on the CPU path when None.
         stream: CUDA stream for CUDA arrays (see ``stream_handle``); ignored on the CPU.
+        threads: CPU threads (0: OpenMP's default). A caller whose own thread pool
+            spins between calls, as ONNX Runtime's does, passes 1.
     Returns:
         (distance, energy): distance[i] = ||x_new_i - x0_i||_1 and
         energy[i] = loss[i] + lam ||x_i - x0_i||_1 at the x the step started from.
     """
     return prepare_update(x, x0, reconstruction, grad_lr, loss, active, iterations, config=config, mask=mask,
-                          m=m, v=v, distance=distance, energy=energy, stream=stream)()
+                          m=m, v=v, distance=distance, energy=energy, stream=stream, threads=threads)()
 
 
 def prepare_update(x: Any, x0: Any, reconstruction: Any, grad_lr: Any, loss: Any, active: Any, iterations: Any, *,
                    config: ProjectionConfig = ProjectionConfig(), mask: Any = None, m: Any = None, v: Any = None,
-                   distance: Any = None, energy: Any = None, stream: Any = None) -> PreparedCall:
+                   distance: Any = None, energy: Any = None, stream: Any = None, threads: int = 0) -> PreparedCall:
     """``update`` checked once and ready to run again: the returned call returns (distance, energy)."""
     xv = view_of(x, "x")
     n, c, h, w = _images(xv)
@@ -242,7 +244,7 @@ def prepare_update(x: Any, x0: Any, reconstruction: Any, grad_lr: Any, loss: Any
     args = (device, pointers, n, c, h, w, mask_channels, config.alpha, config.lam,
             _WEIGHTING_CODES[config.weighting], _STEP_CODES[config.step], config.adam_beta1,
             config.adam_beta2, config.adam_eps, config.value_min, config.value_max,
-            stream_handle(stream) if device == "cuda" else 0, xv.device_id)
+            stream_handle(stream) if device == "cuda" else 0, xv.device_id, int(threads))
     keep = [x, x0, reconstruction, grad_lr, loss, active, iterations, mask, m, v, *outputs]
     return PreparedCall(_load().update, args, keep, (outputs[0], outputs[1]))
 
@@ -314,7 +316,7 @@ class DssimResult:
 
 def dssim_map(x: Any, y: Any, *, data_range: float = 1.0, window: int = 11, sigma: float = 1.5,
               threshold: float | None = None, stats: bool = False, out: Any = None, mask: Any = None,
-              max: Any = None, mean: Any = None, stream: Any = None) -> DssimResult:
+              max: Any = None, mean: Any = None, stream: Any = None, threads: int = 0) -> DssimResult:
     """DSSIM = (1 - SSIM) / 2 per pixel between two batches, averaged over channels.
 
     Gaussian window of ``window`` taps and ``sigma``, K1 = 0.01, K2 = 0.03,
@@ -328,16 +330,18 @@ def dssim_map(x: Any, y: Any, *, data_range: float = 1.0, window: int = 11, sigm
         out, mask, max, mean: output arrays ((N, H, W) float32, (N, H, W) uint8,
             (N,) float32); required on the CUDA path for what is asked, allocated on the CPU.
         stream: CUDA stream for CUDA arrays.
+        threads: CPU threads (0: OpenMP's default).
     Returns:
         a DssimResult.
     """
     return prepare_dssim_map(x, y, data_range=data_range, window=window, sigma=sigma, threshold=threshold,
-                             stats=stats, out=out, mask=mask, max=max, mean=mean, stream=stream)()
+                             stats=stats, out=out, mask=mask, max=max, mean=mean, stream=stream,
+                             threads=threads)()
 
 
 def prepare_dssim_map(x: Any, y: Any, *, data_range: float = 1.0, window: int = 11, sigma: float = 1.5,
                       threshold: float | None = None, stats: bool = False, out: Any = None, mask: Any = None,
-                      max: Any = None, mean: Any = None, stream: Any = None) -> PreparedCall:
+                      max: Any = None, mean: Any = None, stream: Any = None, threads: int = 0) -> PreparedCall:
     """``dssim_map`` checked once and ready to run again: the returned call returns the DssimResult."""
     if not (isinstance(window, int) and 1 <= window <= MAX_WINDOW and window % 2 == 1):
         raise ConfigError(f"window must be an odd integer in [1, {MAX_WINDOW}], got {window!r}")
@@ -375,5 +379,5 @@ def prepare_dssim_map(x: Any, y: Any, *, data_range: float = 1.0, window: int = 
         pointers[name] = view.pointer
     args = (device, pointers, n, c, h, w, window, float(sigma), float(data_range),
             float(threshold) if threshold is not None else 0.0,
-            stream_handle(stream) if device == "cuda" else 0, xv.device_id)
+            stream_handle(stream) if device == "cuda" else 0, xv.device_id, int(threads))
     return PreparedCall(_load().dssim_map, args, [x, y], result)

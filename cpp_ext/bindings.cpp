@@ -164,13 +164,14 @@ NB_MODULE(_kernels, m) {
       "update",
       [](const std::string& device, const nb::dict& pointers, std::int64_t n, std::int64_t c, std::int64_t h,
          std::int64_t w, std::int64_t mask_channels, double alpha, double lam, int weighting, int step, double beta1,
-         double beta2, double eps, double value_min, double value_max, std::uintptr_t stream, int device_id) {
+         double beta2, double eps, double value_min, double value_max, std::uintptr_t stream, int device_id,
+         int threads) {
         const eproj::UpdateParams p = update_params(alpha, lam, weighting, step, beta1, beta2, eps, value_min, value_max);
         const eproj::UpdateBuffers b = update_buffers(pointers, n, c, h, w, mask_channels);
         check_update(p, b);
         nb::gil_scoped_release release;
         if (device == "cpu") {
-          eproj::update_cpu(p, b);
+          eproj::update_cpu(p, b, threads);
           return;
         }
 #if defined(EPROJ_WITH_CUDA)
@@ -183,18 +184,19 @@ NB_MODULE(_kernels, m) {
 #endif
       },
       "device"_a, "pointers"_a, "n"_a, "c"_a, "h"_a, "w"_a, "mask_channels"_a, "alpha"_a, "lam"_a, "weighting"_a,
-      "step"_a, "beta1"_a, "beta2"_a, "eps"_a, "value_min"_a, "value_max"_a, "stream"_a, "device_id"_a);
+      "step"_a, "beta1"_a, "beta2"_a, "eps"_a, "value_min"_a, "value_max"_a, "stream"_a, "device_id"_a,
+      "threads"_a = 0);
 
   m.def(
       "dssim_map",
       [](const std::string& device, const nb::dict& pointers, std::int64_t n, std::int64_t c, std::int64_t h,
          std::int64_t w, int window, double sigma, double data_range, double threshold, std::uintptr_t stream,
-         int device_id) {
+         int device_id, int threads) {
         const eproj::DssimParams p = dssim_params(window, sigma, data_range, threshold, h, w);
         const eproj::DssimBuffers b = dssim_buffers(pointers, n, c, h, w);
         nb::gil_scoped_release release;
         if (device == "cpu") {
-          eproj::dssim_map_cpu(p, b);
+          eproj::dssim_map_cpu(p, b, threads);
           return;
         }
 #if defined(EPROJ_WITH_CUDA)
@@ -207,7 +209,7 @@ NB_MODULE(_kernels, m) {
 #endif
       },
       "device"_a, "pointers"_a, "n"_a, "c"_a, "h"_a, "w"_a, "window"_a, "sigma"_a, "data_range"_a, "threshold"_a,
-      "stream"_a, "device_id"_a);
+      "stream"_a, "device_id"_a, "threads"_a = 0);
 
   m.def(
       "stop_check",

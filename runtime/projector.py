@@ -76,11 +76,11 @@ class Projector:
         self._update = kernels.prepare_update(self.x, self.x0, self.reconstruction, self.grad, self.loss,
                                               self.active, self.iterations, config=config, mask=self.mask,
                                               m=self.m, v=self.v, distance=self.distance, energy=self.energy,
-                                              stream=stream)
+                                              stream=stream, threads=b.kernel_threads)
         target = self.x if method == "projection" else self.reconstruction
         self._dssim = kernels.prepare_dssim_map(self.x0, target, threshold=dssim_threshold, stats=True,
                                                 out=self.dssim, mask=self.dssim_mask, max=self.tile_max,
-                                                mean=self.tile_mean, stream=stream)
+                                                mean=self.tile_mean, stream=stream, threads=b.kernel_threads)
         self._zeros = np.zeros(shape, np.float32)
         self._start_vectors = {"active": np.ones(n, np.uint8), "iterations": np.zeros(n, np.int32),
                                "reason": np.zeros(n, np.int32), "distance": np.zeros(n, np.float32),

@@ -181,9 +181,10 @@ TileFunction select_tile(int window) {
 
 }  // namespace
 
-void dssim_map(const DssimParams& p, const DssimBuffers& b);
+void dssim_map(const DssimParams& p, const DssimBuffers& b, int threads);
 
-void dssim_map(const DssimParams& p, const DssimBuffers& b) {
+void dssim_map(const DssimParams& p, const DssimBuffers& b, int threads) {
+  const int team = threads > 0 ? threads : cpu_threads();
   if (b.n == 0 || b.h == 0 || b.w == 0) return;
   const std::int64_t cols = std::min(b.w, kTileCols);
   const std::int64_t col_tiles = (b.w + cols - 1) / cols;
@@ -194,7 +195,7 @@ void dssim_map(const DssimParams& p, const DssimBuffers& b) {
   std::vector<TileStats> stats(static_cast<std::size_t>(tasks));
   const TileFunction tile = select_tile(p.window);
 
-#pragma omp parallel if (b.n * b.c * b.h * b.w >= kParallelPixels)
+#pragma omp parallel num_threads(team) if (team > 1 && b.n * b.c * b.h * b.w >= kParallelPixels)
   {
     Scratch scratch(rows, cols, p.window / 2);
 #pragma omp for schedule(static)
@@ -224,7 +225,7 @@ void dssim_map(const DssimParams& p, const DssimBuffers& b) {
 #if !defined(EPROJ_CPU_VARIANT_AVX2)
 #if defined(EPROJ_HAVE_AVX2_VARIANT)
 namespace avx2 {
-void dssim_map(const DssimParams& p, const DssimBuffers& b);
+void dssim_map(const DssimParams& p, const DssimBuffers& b, int threads);
 }
 #endif
 
@@ -237,11 +238,11 @@ bool cpu_uses_avx2() {
 #endif
 }
 
-void dssim_map_cpu(const DssimParams& p, const DssimBuffers& b) {
+void dssim_map_cpu(const DssimParams& p, const DssimBuffers& b, int threads) {
 #if defined(EPROJ_HAVE_AVX2_VARIANT)
-  if (cpu_uses_avx2()) return avx2::dssim_map(p, b);
+  if (cpu_uses_avx2()) return avx2::dssim_map(p, b, threads);
 #endif
-  baseline::dssim_map(p, b);
+  baseline::dssim_map(p, b, threads);
 }
 #endif
 

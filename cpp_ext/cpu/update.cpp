@@ -83,7 +83,8 @@ RunFunction select_run(const UpdateParams& p) {
 
 }  // namespace
 
-void update_cpu(const UpdateParams& p, const UpdateBuffers& b) {
+void update_cpu(const UpdateParams& p, const UpdateBuffers& b, int threads) {
+  const int team = threads > 0 ? threads : cpu_threads();
   const std::int64_t plane = b.h * b.w;
   if (b.n == 0) return;
   const std::int64_t chunks = plane == 0 ? 0 : (plane + kChunk - 1) / kChunk;
@@ -91,7 +92,7 @@ void update_cpu(const UpdateParams& p, const UpdateBuffers& b) {
   std::vector<Partial> partials(static_cast<std::size_t>(tasks));
   const RunFunction run = select_run(p);
 
-#pragma omp parallel for schedule(static) if (b.n * b.c * plane >= kParallelPixels)
+#pragma omp parallel for schedule(static) num_threads(team) if (team > 1 && b.n * b.c * plane >= kParallelPixels)
   for (std::int64_t t = 0; t < tasks; ++t) {
     const std::int64_t sample = t / (b.c * chunks);
     const std::int64_t channel = (t / chunks) % b.c;

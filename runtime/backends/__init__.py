@@ -54,25 +54,27 @@ def create_backend(bundle: Bundle, backend: str = "auto", device: str | None = N
         reason = _tensorrt_reason(bundle)
         if not reason:
             try:
-                return create_backend(bundle, "tensorrt", **options)[0], "auto: picked tensorrt"
+                picked = create_backend(bundle, "tensorrt", **options)[0]
+                return picked, "auto: picked tensorrt"
             except Exception as error:  # a broken GPU setup must not stop the CPU fallback
                 reason = f"{type(error).__name__}: {error}"
         passed.append(f"tensorrt ({reason})")
         reason = _torch_cuda_reason(bundle)
         if not reason:
             try:
-                chosen = create_backend(bundle, "torch", "cuda", **options)[0]
-                return chosen, f"auto: picked torch on CUDA; passed over {'; '.join(passed)}"
+                picked = create_backend(bundle, "torch", "cuda", **options)[0]
+                return picked, f"auto: picked torch on CUDA; passed over {'; '.join(passed)}"
             except Exception as error:
                 reason = f"{type(error).__name__}: {error}"
         passed.append(f"torch-cuda ({reason})")
-        chosen = create_backend(bundle, "onnxruntime", "cpu", **options)[0]
-        return chosen, f"auto: picked onnxruntime on the CPU; passed over {'; '.join(passed)}"
+        picked = create_backend(bundle, "onnxruntime", "cpu", **options)[0]
+        return picked, f"auto: picked onnxruntime on the CPU; passed over {'; '.join(passed)}"
+    chosen: Backend
     if backend == "onnxruntime":
         from eproj.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         allowed = {k: v for k, v in options.items() if k in ("threads", "precision")}
-        chosen: Backend = OnnxRuntimeBackend(bundle, device or "cpu", **allowed)
+        chosen = OnnxRuntimeBackend(bundle, device or "cpu", **allowed)
     elif backend == "torch":
         from eproj.runtime.backends.torch import TorchBackend
 

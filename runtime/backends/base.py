@@ -22,12 +22,17 @@ STEP_OUTPUTS = ("reconstruction", "loss", "grad")
 class Backend(ABC):
     """Subclasses set ``name`` and ``device`` ("cpu" or "cuda") and implement the hooks.
 
-    ``stream`` is what the kernels are launched on (None on the CPU).
+    ``stream`` is what the kernels are launched on (None on the CPU);
+    ``kernel_threads`` how many CPU threads they use.
     """
 
     name: str = ""
     device: str = "cpu"
     stream: Any = None
+    # CPU threads of the fused kernels (0: OpenMP's default). Backends whose own
+    # thread pool spins between graph calls set 1: the kernels are a few percent of
+    # an iteration, and two pools spinning on the same cores cost far more.
+    kernel_threads: int = 0
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle

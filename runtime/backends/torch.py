@@ -36,6 +36,7 @@ class TorchBackend(Backend):
         self.device = device
         self.cuda_graphs = cuda_graphs and device == "cuda"
         self.captured = False
+        self.kernel_threads = 1  # torch's OpenMP threads spin between ops, like ONNX Runtime's
         self.module = StepModule(load_model(bundle.weights_path).model).to(device).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)

@@ -15,18 +15,21 @@ namespace eproj {
 // sample, in place on x (and m, v); writes distance = ||x_after - x0||_1,
 // energy = loss + lambda ||x_before - x0||_1 and increments iterations of the
 // active samples. Inactive samples are left untouched.
-void update_cpu(const UpdateParams& params, const UpdateBuffers& buffers);
+void update_cpu(const UpdateParams& params, const UpdateBuffers& buffers, int threads = 0);
 
 // The stop check of every sample (see stop_sample in math.h).
 void stop_check_cpu(const StopParams& params, const StopBuffers& buffers);
 
 // DSSIM map (mean over channels), and optionally its mask and per-image max/mean.
-void dssim_map_cpu(const DssimParams& params, const DssimBuffers& buffers);
+void dssim_map_cpu(const DssimParams& params, const DssimBuffers& buffers, int threads = 0);
 
 // Whether dssim_map_cpu runs its AVX2 variant on this machine.
 bool cpu_uses_avx2();
 
-// Number of OpenMP threads the CPU kernels use (1 without OpenMP).
+// Number of OpenMP threads the CPU kernels use by default (1 without OpenMP).
+// The `threads` argument of the CPU kernels overrides it when > 0: a caller
+// whose own thread pool spins between kernel calls (ONNX Runtime, torch) asks
+// for 1, so the two pools do not fight over the cores.
 int cpu_threads();
 
 #if defined(EPROJ_WITH_CUDA)
