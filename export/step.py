@@ -66,10 +66,11 @@ def _layer_input_grad(layer: nn.Module, grad_out: torch.Tensor, output: torch.Te
                       input_shape: torch.Size) -> torch.Tensor:
     """Gradient at a layer's input from the gradient at its output (forward ops only)."""
     if isinstance(layer, nn.LeakyReLU):
-        # the slope where the output is negative, 1 elsewhere, as arithmetic: ONNX Runtime's
-        # CPU Where was half of the whole step's time at batch 16
-        slope = layer.negative_slope
-        return grad_out * (slope + (1.0 - slope) * (output > 0).to(grad_out.dtype))
+        # 1 where the output is positive and the slope elsewhere, as arithmetic (ONNX
+        # Runtime's CPU Where was half of the whole step at batch 16), written so that
+        # both values are exact in float16 too
+        positive = (output > 0).to(grad_out.dtype)
+        return grad_out * (positive + layer.negative_slope * (1.0 - positive))
     if isinstance(layer, nn.Sigmoid):
         return grad_out * output * (1.0 - output)
     if isinstance(layer, nn.Conv2d):
