@@ -246,7 +246,7 @@ def prepare_update(x: Any, x0: Any, reconstruction: Any, grad_lr: Any, loss: Any
             config.adam_beta2, config.adam_eps, config.value_min, config.value_max,
             stream_handle(stream) if device == "cuda" else 0, xv.device_id, int(threads))
     keep = [x, x0, reconstruction, grad_lr, loss, active, iterations, mask, m, v, *outputs]
-    return PreparedCall(_load().update, args, keep, (outputs[0], outputs[1]))
+    return PreparedCall(_load().Update(*args), (), keep, (outputs[0], outputs[1]))
 
 
 # ---------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def prepare_stop_check(loss: Any, distance: Any, iterations: Any, active: Any, p
     threshold = config.stop_threshold
     args = (device, pointers, n, config.lam, threshold is not None, float(threshold or 0.0), config.energy_tol,
             stream_handle(stream) if device == "cuda" else 0, views[0].device_id)
-    return PreparedCall(_load().stop_check, args, list(arrays), None)
+    return PreparedCall(_load().StopCheck(*args), (), list(arrays), None)
 
 
 # ---------------------------------------------------------------------------
@@ -380,4 +380,4 @@ def prepare_dssim_map(x: Any, y: Any, *, data_range: float = 1.0, window: int = 
     args = (device, pointers, n, c, h, w, window, float(sigma), float(data_range),
             float(threshold) if threshold is not None else 0.0,
             stream_handle(stream) if device == "cuda" else 0, xv.device_id, int(threads))
-    return PreparedCall(_load().dssim_map, args, [x, y], result)
+    return PreparedCall(_load().DssimMap(*args), (), [x, y], result)

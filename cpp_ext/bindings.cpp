@@ -153,6 +153,70 @@ nb::dict build_info() {
   return info;
 }
 
+// A kernel call with its arguments checked and converted once; calling it
+// launches the kernel again (the projection loop's case).
+struct UpdateCall {
+  bool cuda;
+  eproj::UpdateParams params;
+  eproj::UpdateBuffers buffers;
+  std::uintptr_t stream;
+  int device_id;
+  int threads;
+
+  void operator()() const {
+    nb::gil_scoped_release release;
+    if (!cuda) return eproj::update_cpu(params, buffers, threads);
+#if defined(EPROJ_WITH_CUDA)
+    DeviceGuard guard(device_id);
+    eproj::update_cuda(params, buffers, stream);
+#endif
+  }
+};
+
+struct StopCall {
+  bool cuda;
+  eproj::StopParams params;
+  eproj::StopBuffers buffers;
+  std::uintptr_t stream;
+  int device_id;
+
+  void operator()() const {
+    nb::gil_scoped_release release;
+    if (!cuda) return eproj::stop_check_cpu(params, buffers);
+#if defined(EPROJ_WITH_CUDA)
+    DeviceGuard guard(device_id);
+    eproj::stop_check_cuda(params, buffers, stream);
+#endif
+  }
+};
+
+struct DssimCall {
+  bool cuda;
+  eproj::DssimParams params;
+  eproj::DssimBuffers buffers;
+  std::uintptr_t stream;
+  int device_id;
+  int threads;
+
+  void operator()() const {
+    nb::gil_scoped_release release;
+    if (!cuda) return eproj::dssim_map_cpu(params, buffers, threads);
+#if defined(EPROJ_WITH_CUDA)
+    DeviceGuard guard(device_id);
+    eproj::dssim_map_cuda(params, buffers, stream);
+#endif
+  }
+};
+
+bool on_cuda(const std::string& device) {
+  if (device == "cpu") return false;
+#if defined(EPROJ_WITH_CUDA)
+  return true;
+#else
+  throw std::logic_error("eproj kernels: built without CUDA");
+#endif
+}
+
 }  // namespace
 
 NB_MODULE(_kernels, m) {
@@ -160,92 +224,63 @@ NB_MODULE(_kernels, m) {
 
   m.def("build_info", &build_info, "What this build contains: compiler, OpenMP, CUDA version and architectures.");
 
-  m.def(
-      "update",
-      [](const std::string& device, const nb::dict& pointers, std::int64_t n, std::int64_t c, std::int64_t h,
-         std::int64_t w, std::int64_t mask_channels, double alpha, double lam, int weighting, int step, double beta1,
-         double beta2, double eps, double value_min, double value_max, std::uintptr_t stream, int device_id,
-         int threads) {
-        const eproj::UpdateParams p = update_params(alpha, lam, weighting, step, beta1, beta2, eps, value_min, value_max);
-        const eproj::UpdateBuffers b = update_buffers(pointers, n, c, h, w, mask_channels);
-        check_update(p, b);
-        nb::gil_scoped_release release;
-        if (device == "cpu") {
-          eproj::update_cpu(p, b, threads);
-          return;
-        }
-#if defined(EPROJ_WITH_CUDA)
-        DeviceGuard guard(device_id);
-        eproj::update_cuda(p, b, stream);
-#else
-        (void)stream;
-        (void)device_id;
-        throw std::logic_error("eproj kernels: built without CUDA");
-#endif
-      },
-      "device"_a, "pointers"_a, "n"_a, "c"_a, "h"_a, "w"_a, "mask_channels"_a, "alpha"_a, "lam"_a, "weighting"_a,
-      "step"_a, "beta1"_a, "beta2"_a, "eps"_a, "value_min"_a, "value_max"_a, "stream"_a, "device_id"_a,
-      "threads"_a = 0);
+  nb::class_<UpdateCall>(m, "Update", "The fused update, checked once; call it to run.")
+      .def(
+          "__init__",
+          [](UpdateCall* self, const std::string& device, const nb::dict& pointers, std::int64_t n, std::int64_t c,
+             std::int64_t h, std::int64_t w, std::int64_t mask_channels, double alpha, double lam, int weighting,
+             int step, double beta1, double beta2, double eps, double value_min, double value_max,
+             std::uintptr_t stream, int device_id, int threads) {
+            const eproj::UpdateParams p =
+                update_params(alpha, lam, weighting, step, beta1, beta2, eps, value_min, value_max);
+            const eproj::UpdateBuffers b = update_buffers(pointers, n, c, h, w, mask_channels);
+            check_update(p, b);
+            new (self) UpdateCall{on_cuda(device), p, b, stream, device_id, threads};
+          },
+          "device"_a, "pointers"_a, "n"_a, "c"_a, "h"_a, "w"_a, "mask_channels"_a, "alpha"_a, "lam"_a,
+          "weighting"_a, "step"_a, "beta1"_a, "beta2"_a, "eps"_a, "value_min"_a, "value_max"_a, "stream"_a,
+          "device_id"_a, "threads"_a = 0)
+      .def("__call__", &UpdateCall::operator());
 
-  m.def(
-      "dssim_map",
-      [](const std::string& device, const nb::dict& pointers, std::int64_t n, std::int64_t c, std::int64_t h,
-         std::int64_t w, int window, double sigma, double data_range, double threshold, std::uintptr_t stream,
-         int device_id, int threads) {
-        const eproj::DssimParams p = dssim_params(window, sigma, data_range, threshold, h, w);
-        const eproj::DssimBuffers b = dssim_buffers(pointers, n, c, h, w);
-        nb::gil_scoped_release release;
-        if (device == "cpu") {
-          eproj::dssim_map_cpu(p, b, threads);
-          return;
-        }
-#if defined(EPROJ_WITH_CUDA)
-        DeviceGuard guard(device_id);
-        eproj::dssim_map_cuda(p, b, stream);
-#else
-        (void)stream;
-        (void)device_id;
-        throw std::logic_error("eproj kernels: built without CUDA");
-#endif
-      },
-      "device"_a, "pointers"_a, "n"_a, "c"_a, "h"_a, "w"_a, "window"_a, "sigma"_a, "data_range"_a, "threshold"_a,
-      "stream"_a, "device_id"_a, "threads"_a = 0);
+  nb::class_<DssimCall>(m, "DssimMap", "The fused DSSIM map, checked once; call it to run.")
+      .def(
+          "__init__",
+          [](DssimCall* self, const std::string& device, const nb::dict& pointers, std::int64_t n, std::int64_t c,
+             std::int64_t h, std::int64_t w, int window, double sigma, double data_range, double threshold,
+             std::uintptr_t stream, int device_id, int threads) {
+            const eproj::DssimParams p = dssim_params(window, sigma, data_range, threshold, h, w);
+            const eproj::DssimBuffers b = dssim_buffers(pointers, n, c, h, w);
+            new (self) DssimCall{on_cuda(device), p, b, stream, device_id, threads};
+          },
+          "device"_a, "pointers"_a, "n"_a, "c"_a, "h"_a, "w"_a, "window"_a, "sigma"_a, "data_range"_a,
+          "threshold"_a, "stream"_a, "device_id"_a, "threads"_a = 0)
+      .def("__call__", &DssimCall::operator());
 
-  m.def(
-      "stop_check",
-      [](const std::string& device, const nb::dict& pointers, std::int64_t n, double lam, bool has_threshold,
-         double threshold, double energy_tol, std::uintptr_t stream, int device_id) {
-        eproj::StopParams p{};
-        p.lam = static_cast<float>(lam);
-        p.has_threshold = has_threshold ? 1 : 0;
-        p.threshold = static_cast<float>(threshold);
-        p.energy_tol = static_cast<float>(energy_tol);
-        eproj::StopBuffers b{};
-        b.loss = required<const float>(pointers, "loss");
-        b.distance = required<const float>(pointers, "distance");
-        b.iterations = required<const std::int32_t>(pointers, "iterations");
-        b.active = required<std::uint8_t>(pointers, "active");
-        b.previous = required<float>(pointers, "previous");
-        b.reason = required<std::int32_t>(pointers, "reason");
-        b.final_loss = required<float>(pointers, "final_loss");
-        b.final_energy = required<float>(pointers, "final_energy");
-        b.n = n;
-        nb::gil_scoped_release release;
-        if (device == "cpu") {
-          eproj::stop_check_cpu(p, b);
-          return;
-        }
-#if defined(EPROJ_WITH_CUDA)
-        DeviceGuard guard(device_id);
-        eproj::stop_check_cuda(p, b, stream);
-#else
-        (void)stream;
-        (void)device_id;
-        throw std::logic_error("eproj kernels: built without CUDA");
-#endif
-      },
-      "device"_a, "pointers"_a, "n"_a, "lam"_a, "has_threshold"_a, "threshold"_a, "energy_tol"_a, "stream"_a,
-      "device_id"_a);
+  nb::class_<StopCall>(m, "StopCheck", "The stop check, checked once; call it to run.")
+      .def(
+          "__init__",
+          [](StopCall* self, const std::string& device, const nb::dict& pointers, std::int64_t n, double lam,
+             bool has_threshold, double threshold, double energy_tol, std::uintptr_t stream, int device_id) {
+            eproj::StopParams p{};
+            p.lam = static_cast<float>(lam);
+            p.has_threshold = has_threshold ? 1 : 0;
+            p.threshold = static_cast<float>(threshold);
+            p.energy_tol = static_cast<float>(energy_tol);
+            eproj::StopBuffers b{};
+            b.loss = required<const float>(pointers, "loss");
+            b.distance = required<const float>(pointers, "distance");
+            b.iterations = required<const std::int32_t>(pointers, "iterations");
+            b.active = required<std::uint8_t>(pointers, "active");
+            b.previous = required<float>(pointers, "previous");
+            b.reason = required<std::int32_t>(pointers, "reason");
+            b.final_loss = required<float>(pointers, "final_loss");
+            b.final_energy = required<float>(pointers, "final_energy");
+            b.n = n;
+            new (self) StopCall{on_cuda(device), p, b, stream, device_id};
+          },
+          "device"_a, "pointers"_a, "n"_a, "lam"_a, "has_threshold"_a, "threshold"_a, "energy_tol"_a, "stream"_a,
+          "device_id"_a)
+      .def("__call__", &StopCall::operator());
 
   m.def(
       "cuda_unavailable_reason",
