@@ -42,7 +42,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                         decoder_variance=args.decoder_variance))
     train_config = TrainConfig(data=args.data, **_given(steps=args.steps, batch=args.batch, lr=args.lr,
                                                         seed=args.seed, checkpoint_every=args.checkpoint_every,
-                                                        weights=args.weights, kl_warmup=args.kl_warmup))
+                                                        weights=args.weights, kl_warmup=args.kl_warmup,
+                                                        regime=args.regime, corruption=args.corruption))
     out = train(args.out, model_config, train_config, calibrate_after=not args.no_calibrate)
     print(f"wrote {out}")
     return 0
@@ -204,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="[250]")
     p.add_argument("--weights", choices=("float32", "float16"), default=None,
                    help="dtype of the weights in model.pt [float32]; float16 halves its size")
+    p.add_argument("--regime", choices=("plain", "corrupt"), default=None,
+                   help="plain: reconstruct the input; corrupt: reconstruct it from a partly corrupted copy [plain]")
+    p.add_argument("--corruption", choices=("patches", "cevae"), default=None,
+                   help="corrupt regime: patches (noise, foreign, shuffled, deformed regions) or cevae "
+                        "(the context-encoding VAE: noise squares beside the plain loss) [patches]")
     p.add_argument("--no-calibrate", action="store_true", help="stop after training; skip model.pt")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
     p.set_defaults(func=_cmd_train)

@@ -136,27 +136,34 @@ def reconstruction_loss(model: Autoencoder, x: torch.Tensor) -> tuple[torch.Tens
     return reconstruction_term(model, x, reconstruction), reconstruction
 
 
-def training_loss(model: Autoencoder, x: torch.Tensor,
-                  kl_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+def training_loss(model: Autoencoder, x: torch.Tensor, kl_scale: float = 1.0,
+                  target: torch.Tensor | None = None, with_kl: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Scalar loss (mean over the batch) that training minimises, and values to log.
 
     ``kl_scale`` multiplies the KL term of the variational families (the trainer
     ramps it from 0 to 1 during the KL warm-up, against posterior collapse).
+    ``target``: the image the reconstruction of ``x`` is scored against (default
+    ``x``; the clean image when ``x`` is corrupted). ``with_kl=False`` drops the KL
+    term (the context-encoding branch of the ceVAE).
     """
     cfg = model.config
+    target = x if target is None else target
     mu, logvar = model.encode(x)
     if not cfg.variational:
-        rec = reconstruction_term(model, x, model.decode(mu))
+        rec = reconstruction_term(model, target, model.decode(mu))
         return rec.mean(), {"rec": float(rec.detach().mean())}
     assert logvar is not None
     z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-    rec = reconstruction_term(model, x, model.decode(z))
+    rec = reconstruction_term(model, target, model.decode(z))
     if cfg.family == "vae":  # Gaussian negative log-likelihood of fixed variance, constants dropped
         rec = rec / (2.0 * cfg.decoder_variance)
+    logs = {"rec": float(rec.detach().mean())}
+    if not with_kl:
+        return rec.mean(), logs
     kl = kl_divergence(mu, logvar)
     weight = kl_scale * (cfg.beta if cfg.family == "vae" else 1.0)
     loss = (rec + weight * kl).mean()
-    logs = {"rec": float(rec.detach().mean()), "kl": float(kl.detach().mean())}
+    logs["kl"] = float(kl.detach().mean())
     if cfg.family == "gvae":
         logs["gamma"] = math.exp(float(model.log_gamma.detach()))
     return loss, logs

@@ -17,9 +17,13 @@ from tqdm import tqdm
 from eproj.errors import CheckpointError, ConfigError
 from eproj.train.checkpoint import (CHECKPOINT_FORMAT, FORMAT_VERSION, load_payload,
                                     model_from_payload, save_atomic)
+from eproj.train.corruption import PRESETS, corrupt
 from eproj.train.data import load_source
 from eproj.train.losses import training_loss
 from eproj.train.models import ModelConfig, build_model
+
+
+REGIMES = ("plain", "corrupt")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     kl_warmup: int = 2000  # steps over which the KL weight ramps linearly from 0 to 1
     weights: str = "float32"  # dtype of the weights written to model.pt
+    regime: str = "plain"  # "plain": reconstruct x; "corrupt": reconstruct x from a partly corrupted x
+    corruption: str = "patches"  # the corruption preset of the corrupt regime (eproj.train.corruption.PRESETS)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -48,11 +54,22 @@ class TrainConfig:
             raise ConfigError(f"KL warm-up must be >= 0 steps, got {self.kl_warmup}")
         if self.weights not in ("float32", "float16"):
             raise ConfigError(f"weights must be float32 or float16, got {self.weights!r}")
+        if self.regime not in REGIMES:
+            raise ConfigError(f"regime must be one of {REGIMES}, got {self.regime!r}")
+        if self.corruption not in PRESETS:
+            raise ConfigError(f"corruption must be one of {sorted(PRESETS)}, got {self.corruption!r}")
+
+    def record(self) -> dict:
+        """What a checkpoint stores: the fields, and the corruption's parameters when it is used."""
+        out = asdict(self)
+        if self.regime == "corrupt":
+            out["corruption_config"] = PRESETS[self.corruption].to_dict()
+        return out
 
 
 def _checkpoint(model, optimizer, model_config: ModelConfig, train_config: TrainConfig, step: int) -> dict:
     return {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION,
-            "config": model_config.to_dict(), "train": asdict(train_config), "step": step,
+            "config": model_config.to_dict(), "train": train_config.record(), "step": step,
             "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
@@ -66,6 +83,11 @@ def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig):
     if stored_data != train_config.data:
         raise CheckpointError(f"{path} was trained on {stored_data!r}; this command asks for "
                               f"{train_config.data!r}. Use another --out for a new run")
+    stored_regime = (payload["train"].get("regime", "plain"), payload["train"].get("corruption", "patches"))
+    if stored_regime != (train_config.regime, train_config.corruption):
+        raise CheckpointError(f"{path} was trained with regime {stored_regime[0]} ({stored_regime[1]}); this "
+                              f"command asks for {train_config.regime} ({train_config.corruption}). "
+                              f"Use another --out for a new run")
     model = model_from_payload(payload, path)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
@@ -73,6 +95,25 @@ def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig):
     for group in optimizer.param_groups:
         group["lr"] = train_config.lr
     return model, optimizer, int(payload["step"])
+
+
+def _step_loss(model, x: torch.Tensor, clean: np.ndarray, rng: np.random.Generator, config: TrainConfig,
+               kl_scale: float):
+    """The loss of one step under the run's regime.
+
+    - plain: the family's training loss on x;
+    - corrupt, ``patches``: reconstruct the clean x from a partly corrupted x;
+    - corrupt, ``cevae``: the plain loss plus the context-encoding term, the
+      clean x reconstructed from x with noise squares (Zimmerer et al.).
+    """
+    if config.regime == "plain":
+        return training_loss(model, x, kl_scale)
+    corrupted = torch.from_numpy(corrupt(rng, clean, PRESETS[config.corruption])[0])
+    if config.corruption == "cevae":
+        loss, logs = training_loss(model, x, kl_scale)
+        context, context_logs = training_loss(model, corrupted, kl_scale, target=x, with_kl=False)
+        return loss + context, {**logs, "ce": context_logs["rec"]}
+    return training_loss(model, corrupted, kl_scale, target=x)
 
 
 def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainConfig,
@@ -104,9 +145,10 @@ def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainCon
         while step < train_config.steps:
             rng = np.random.default_rng([train_config.seed, step])
             torch.manual_seed(train_config.seed * 1_000_003 + step)
-            x = torch.from_numpy(source.train_batch(rng, train_config.batch))
+            clean = source.train_batch(rng, train_config.batch)
+            x = torch.from_numpy(clean)
             kl_scale = min(1.0, (step + 1) / train_config.kl_warmup) if train_config.kl_warmup else 1.0
-            loss, logs = training_loss(model, x, kl_scale)
+            loss, logs = _step_loss(model, x, clean, rng, train_config, kl_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
