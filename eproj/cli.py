@@ -73,12 +73,59 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.method in PREDICTOR_METHODS:
+        return _cmd_eval_maps(args)
     report = evaluate_cli(args.run, args.data, args.method, args.json, args.save_maps,
                           max_iters=args.max_iters, alpha=args.alpha, lam=args.lam, step=args.step,
                           weighting=args.weighting, energy_tol=args.energy_tol,
                           stop_threshold=args.stop_threshold)
     print(json.dumps(report["metrics"]["dssim"], indent=2))
     return 0
+
+
+PREDICTOR_METHODS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi", "proj_rec_error", "ensemble")
+
+
+def _cmd_eval_maps(args: argparse.Namespace) -> int:
+    from eproj.train.evaluate import write_json
+    from eproj.train.predictor_eval import evaluate_model
+
+    result = evaluate_model(args.run, args.data)
+    if args.method not in result["metrics"]:
+        from eproj.errors import ConfigError
+
+        raise ConfigError(f"{args.method} needs a variational family (vae, gvae); {args.run} is {result['family']}")
+    write_json(result, Path(args.json))
+    print(json.dumps(result["metrics"][args.method], indent=2))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import shlex
+
+    from eproj.train.report import report
+
+    report(args.models, Path(args.out), args.data, command="eproj " + shlex.join(args.raw))
+    print(f"wrote {Path(args.out) / 'report.md'} and report.json")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import shlex
+
+    from eproj.train.report import sweep
+
+    sweep(args.data, args.model, args.parameter, args.values, Path(args.out), args.steps, args.size, args.lr,
+          command="eproj " + shlex.join(args.raw))
+    print(f"wrote {Path(args.out) / 'sweep.md'} and sweep.json")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -222,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained model on a test set")
     p.add_argument("run", help="run directory or model.pt")
     p.add_argument("--data", default=None, help="default: the data the run trained on")
-    p.add_argument("--method", choices=("reconstruction", "projection"), default="projection")
+    p.add_argument("--method", choices=("reconstruction", "projection") + PREDICTOR_METHODS, default="projection",
+                   help="reconstruction or projection (DSSIM maps), or a pixel-wise predictor, or their ensemble "
+                        "(fitted on 10%% of the test images, scored on the rest)")
     p.add_argument("--max-iters", type=_positive_int, default=None, help="iteration cap (default 100)")
     p.add_argument("--alpha", type=float, default=None, help="step size (default 0.5)")
     p.add_argument("--lam", type=float, default=None, help="weight of ||x - x0||_1 (default 0.05)")
@@ -235,6 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, help="where to write the metrics")
     p.add_argument("--save-maps", default=None, help="folder for per-image maps (.npy) and masks (.png)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("report", help="every anomaly map of several models on their test sets: JSON and Markdown")
+    p.add_argument("models", nargs="+", help="model.pt files or run directories")
+    p.add_argument("--data", default=None, help="default: each model's training data")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("sweep", help="train one model per value of beta or the latent size, then report them")
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", choices=("vae", "gvae", "l2ae", "dsae"), default="vae")
+    p.add_argument("--parameter", choices=("beta", "latent"), required=True)
+    p.add_argument("--values", type=_floats, required=True, help="e.g. 0.1,0.5,1,2,10")
+    p.add_argument("--steps", type=_positive_int, default=12000)
+    p.add_argument("--size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("export", help="write a bundle: ONNX encoder, decoder, step graph and manifest")
     p.add_argument("run", help="run directory or model.pt")
@@ -282,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.raw = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except EprojError as exc:

@@ -11,12 +11,20 @@ from eproj.errors import DataError
 from eproj.predictors import ensemble_features
 
 
-def labelled_split(n: int, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def labelled_split(n: int, fraction: float = 0.1, seed: int = 0,
+                   labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(fit indices, evaluation indices) of n test images: a seeded ``fraction`` to fit on
-    (at least one), the rest to evaluate; disjoint."""
-    order = np.random.default_rng(seed).permutation(n)
+    (at least one), the rest to evaluate; disjoint. With ``labels``, the fit part holds
+    at least one defective image (the next one in the seeded order if the draw had none)."""
+    order = list(np.random.default_rng(seed).permutation(n))
     k = max(1, int(round(fraction * n)))
-    return np.sort(order[:k]), np.sort(order[k:])
+    fit = order[:k]
+    if labels is not None and not any(labels[i] for i in fit):
+        extra = next((i for i in order[k:] if labels[i]), None)
+        if extra is not None:
+            fit.append(extra)
+    rest = [i for i in order if i not in fit]
+    return np.sort(np.asarray(fit, dtype=np.int64)), np.sort(np.asarray(rest, dtype=np.int64))
 
 
 def fit_ensemble(maps: dict[str, np.ndarray], masks: np.ndarray, features: tuple[str, ...],

@@ -1,0 +1,59 @@
+"""eproj eval --method PREDICTOR, eproj report and eproj sweep on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_mvtec
+from eproj.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    from eproj.train.models import ModelConfig
+    from eproj.train.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("report")
+    data = make_mvtec(root / "mvtec" / "nut", size=32, n_test=4)
+    runs = {}
+    for family, regime in (("vae", "plain"), ("l2ae", "corrupt")):
+        runs[family] = train(root / family, ModelConfig(family=family, size=32, latent=8),
+                             TrainConfig(data=f"mvtec:{data}", steps=3, batch=4, regime=regime), progress=False)
+    return root, f"mvtec:{data}", runs
+
+
+def test_eval_accepts_every_predictor(tiny_runs, tmp_path, capsys):
+    _, _, runs = tiny_runs
+    out = tmp_path / "kl.json"
+    assert main(["eval", str(runs["vae"]), "--method", "kl_grad", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["metrics"]) >= {"kl_grad", "combi", "ensemble", "dssim_projection"}
+    assert result["split"]["fit"] and result["split"]["evaluate"] > 0
+    assert '"pixel_auroc"' in capsys.readouterr().out
+    assert main(["eval", str(runs["l2ae"]), "--method", "kl_grad", "--json", str(out)]) == 2
+    assert "kl_grad needs a variational family" in capsys.readouterr().err
+
+
+def test_report_writes_json_and_markdown(tiny_runs, tmp_path):
+    _, _, runs = tiny_runs
+    out = tmp_path / "report"
+    assert main(["report", str(runs["vae"]), str(runs["l2ae"]), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| model | DSSIM recon. | DSSIM proj. | Rec-Error |" in text and "Made by `eproj report" in text
+    rows = [line for line in text.splitlines() if line.startswith("| vae") or line.startswith("| l2ae")]
+    assert "corrupt (patches)" in text and any("—" in r for r in rows)  # l2ae has no gradient predictors
+    results = json.loads((out / "report.json").read_text())["results"]
+    assert [r["family"] for r in results] == ["vae", "l2ae"]
+
+
+def test_sweep_trains_one_model_per_value(tiny_runs, tmp_path):
+    _, data, _ = tiny_runs
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--data", data, "--parameter", "beta", "--values", "0.5,2", "--steps", "2", "--size",
+                 "32", "--out", str(out)]) == 0
+    text = (out / "sweep.md").read_text()
+    assert "| beta = 0.5 |" in text and "| beta = 2 |" in text
+    assert main(["sweep", "--data", data, "--model", "l2ae", "--parameter", "beta", "--values", "1", "--steps",
+                 "2", "--size", "32", "--out", str(out)]) == 2
