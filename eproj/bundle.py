@@ -40,8 +40,9 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     """Hash every file named in ``manifest['graphs']`` (and ``['weights']``) and write ``manifest.json`` atomically."""
     files = {}
     named = {g["file"] for g in manifest["graphs"].values()}
-    if "weights" in manifest:
-        named.add(manifest["weights"]["file"])
+    for extra in ("weights", "ensemble"):
+        if extra in manifest:
+            named.add(manifest[extra]["file"])
     for name in sorted(named):
         path = folder / name
         files[name] = {"sha256": sha256(path), "bytes": path.stat().st_size}

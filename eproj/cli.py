@@ -142,7 +142,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from eproj.export.onnx_graphs import export_bundle
 
-    manifest = export_bundle(args.run, args.out, opset=args.opset, fp16=args.fp16)
+    ensemble = None
+    if args.ensemble:
+        from eproj.errors import ConfigError
+
+        try:
+            stored = json.loads(Path(args.ensemble).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"--ensemble {args.ensemble}: cannot read it as JSON ({error})") from None
+        ensemble = stored.get("ensemble", stored)
+        if not isinstance(ensemble, dict) or "coef" not in ensemble:
+            raise ConfigError(f"--ensemble {args.ensemble} holds no fitted ensemble "
+                              "(write one with eproj eval --method ensemble --json FILE)")
+    manifest = export_bundle(args.run, args.out, opset=args.opset, fp16=args.fp16, ensemble=ensemble)
     print(f"wrote {manifest}")
     if args.fp16:
         errors = json.loads(manifest.read_text())["graphs"]["step_fp16"]["error_vs_fp32"]["relative_l2"]
@@ -210,7 +222,8 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="for onnxruntime and torch")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="fp16 runs step_fp16 (export --fp16) or an fp16 engine")
-    p.add_argument("--method", choices=("projection", "reconstruction"), default="projection")
+    p.add_argument("--method", choices=("projection", "reconstruction", "ensemble"), default="projection",
+                   help="ensemble: the bundle's predictor ensemble (export --ensemble)")
     p.add_argument("--fit", choices=("none", "resize", "tile"), default=None, help="default: the bundle's")
 
 
@@ -307,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle folder")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--fp16", action="store_true", help="also write step_fp16.onnx and measure its error")
+    p.add_argument("--ensemble", default=None,
+                   help="the JSON of `eproj eval --method ensemble`: store its fitted ensemble in the bundle")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("build-engine", help="build TensorRT engines from a bundle (needs TensorRT 10 and a GPU)")

@@ -141,8 +141,12 @@ def fp16_error(fp32_path: Path, fp16_path: Path, channels: int, size: int, batch
 
 
 def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
-                  fp16: bool = False) -> Path:
-    """Write the ONNX graphs and manifest of a trained model into folder ``out``; returns the manifest path."""
+                  fp16: bool = False, ensemble: dict[str, Any] | None = None) -> Path:
+    """Write the ONNX graphs and manifest of a trained model into folder ``out``; returns the manifest path.
+
+    ``ensemble``: a fitted predictor ensemble (``eproj.train.ensemble.fit_ensemble``) for the
+    runtime's ``method="ensemble"``; written as ``ensemble.json`` and hashed with the graphs.
+    """
     if not isinstance(trained, TrainedModel):
         trained = load_model(trained)
     out = Path(out)
@@ -182,6 +186,16 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         "graphs": graphs,
         "weights": _copy_weights(trained, out),
     }
+    if ensemble is not None:
+        if not cfg.variational:
+            raise ValueError("the predictor ensemble needs a variational family")
+        import json
+
+        from eproj.files import write_atomic
+
+        write_atomic(out / "ensemble.json", json.dumps(ensemble, indent=2).encode())
+        manifest["ensemble"] = {"file": "ensemble.json", "threshold": 0.5,
+                                "note": "logistic regression over the pixel-wise predictors; map = probability"}
     return write_manifest(out, manifest)
 
 

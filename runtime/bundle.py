@@ -59,7 +59,13 @@ class Bundle:
         return ProjectionConfig(**values)
 
     def threshold(self, method: str, kind: str) -> float:
-        """Segmentation threshold of ``method`` for map ``kind`` ("dssim" pixels, "score" images)."""
+        """Segmentation threshold of ``method`` for map ``kind`` ("dssim" pixels, "score" images).
+        The ensemble's map is a probability: both its thresholds are the stored 0.5."""
+        if method == "ensemble":
+            ensemble = self.ensemble
+            if ensemble is None:
+                raise BundleError(f"{self.folder} has no predictor ensemble; export it with --ensemble")
+            return ensemble["threshold"]
         try:
             return float(self.manifest["segmentation"][method][kind])
         except KeyError:
@@ -78,3 +84,13 @@ class Bundle:
             raise BundleError(f"{self.folder} carries no weights (model.pt), which the torch backend needs; "
                               "export the bundle again with this eproj")
         return self.folder / entry["file"]
+
+    @property
+    def ensemble(self) -> dict[str, Any] | None:
+        """The fitted predictor ensemble and its pixel threshold, or None."""
+        entry = self.manifest.get("ensemble")
+        if entry is None:
+            return None
+        import json
+
+        return {"model": json.loads((self.folder / entry["file"]).read_text()), "threshold": float(entry["threshold"])}

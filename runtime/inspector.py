@@ -27,7 +27,9 @@ from eproj.runtime.backends import create_backend
 from eproj.runtime.backends.base import Backend
 from eproj.runtime.bundle import FITS, Bundle
 from eproj.runtime.frames import to_batch, to_frame, to_output_order
-from eproj.runtime.projector import METHODS, BatchOutput, Projector
+from eproj.runtime.projector import BatchOutput, Projector
+
+METHODS = ("projection", "reconstruction", "ensemble")
 
 log = logging.getLogger("eproj.runtime")
 
@@ -82,6 +84,12 @@ class Inspector:
         self.score_threshold = bundle.threshold(method, "score")
         self._projectors: dict[int, Projector] = {}
         self._lock = threading.Lock()
+        self._ingredients = None
+        if method == "ensemble":  # the predictors' ingredients come from the step graph on x0 (CPU)
+            from eproj.runtime.predictors import StepIngredients
+
+            self._ingredients = StepIngredients(bundle.folder)
+            self._ensemble = bundle.ensemble
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", *, device: str | None = None,
@@ -93,7 +101,8 @@ class Inspector:
         Args:
             backend: "auto" (TensorRT, then torch on CUDA, then ONNX Runtime on the
                 CPU), "onnxruntime", "torch" or "tensorrt"; ``device`` "cpu" or "cuda".
-            method: "projection", or "reconstruction" for the baseline.
+            method: "projection", "reconstruction" for the baseline, or "ensemble" (the
+                bundle's fitted predictor ensemble; its map is a probability).
             fit: "none", "resize" or "tile"; default the bundle's.
             channel_order: of colour frames, "bgr" (OpenCV) or "rgb".
             batch_size: tiles per batch through the loop.
@@ -110,8 +119,9 @@ class Inspector:
 
     def _projector(self, n: int) -> Projector:
         if n not in self._projectors:
+            loop = "projection" if self.method == "ensemble" else self.method
             self._projectors[n] = Projector(self.backend, n, self.bundle.channels, self.bundle.size, self.config,
-                                            self.pixel_threshold, self.method, self.check_every)
+                                            self.pixel_threshold, loop, self.check_every)
         return self._projectors[n]
 
     def __call__(self, frames: Any, known_mask: Any = None) -> list[InspectionResult]:
@@ -132,6 +142,8 @@ class Inspector:
                 x0[i:i + self.batch_size], None if mask is None else mask[i:i + self.batch_size])
                 for i in range(0, len(x0), self.batch_size)]
             out = _concatenate(parts)
+            if self.method == "ensemble":
+                self._apply_ensemble(x0, out)
             looped = time.perf_counter()
             results = self._results(out, layouts)
             timings = {"preprocess": 1e3 * (prepared - start),
@@ -143,6 +155,19 @@ class Inspector:
             for r in results:
                 r.timings = dict(timings)
             return results
+
+    def _apply_ensemble(self, x0: np.ndarray, out: BatchOutput) -> None:
+        """Replace the DSSIM map by the ensemble's probability map over the predictors."""
+        from eproj.predictors import ensemble_map, predictor_maps
+
+        assert self._ingredients is not None and self._ensemble is not None
+        ingredients = self._ingredients(x0)
+        ingredients.projection = out.target
+        model = self._ensemble["model"]
+        maps = predictor_maps(ingredients, tuple(model["features"]))
+        out.dssim = ensemble_map(maps, model)
+        out.mask = out.dssim > self.pixel_threshold
+        out.tile_max = out.dssim.reshape(len(out.dssim), -1).max(axis=1)
 
     def _results(self, out: BatchOutput, layouts: list) -> list[InspectionResult]:
         channels = self.bundle.channels

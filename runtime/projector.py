@@ -21,7 +21,7 @@ from eproj.config import STOP_REASON_CODES, ProjectionConfig
 from eproj.errors import ConfigError
 from eproj.runtime.backends.base import Backend
 
-METHODS = ("projection", "reconstruction")
+METHODS = ("projection", "reconstruction")  # what the loop runs; the Inspector adds "ensemble" on top
 
 
 @dataclass

@@ -57,3 +57,30 @@ def test_sweep_trains_one_model_per_value(tiny_runs, tmp_path):
     assert "| beta = 0.5 |" in text and "| beta = 2 |" in text
     assert main(["sweep", "--data", data, "--model", "l2ae", "--parameter", "beta", "--values", "1", "--steps",
                  "2", "--size", "32", "--out", str(out)]) == 2
+
+
+def test_the_runtime_applies_a_stored_ensemble(tiny_runs, tmp_path):
+    import numpy as np
+    import torch
+
+    from eproj.predictors import ensemble_map, predictor_maps
+    from eproj.runtime import Inspector
+    from eproj.train.checkpoint import load_model
+    from eproj.train.predictors import reference_ingredients
+
+    _, _, runs = tiny_runs
+    fitted = tmp_path / "ensemble.json"
+    assert main(["eval", str(runs["vae"]), "--method", "ensemble", "--json", str(fitted)]) == 0
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(runs["vae"]), "--out", str(bundle), "--ensemble", str(fitted)]) == 0
+    inspector = Inspector.from_bundle(bundle, backend="onnxruntime", method="ensemble", fit="none", max_iters=4)
+    x0 = np.random.default_rng(0).random((2, 1, 32, 32)).astype(np.float32)
+    results = inspector([x[0] for x in x0])
+    trained = load_model(runs["vae"])
+    model = json.loads(fitted.read_text())["ensemble"]
+    reference = ensemble_map(predictor_maps(reference_ingredients(trained.model, torch.from_numpy(x0),
+                                                                  inspector.config), tuple(model["features"])), model)
+    got = np.stack([r.anomaly_map for r in results])
+    np.testing.assert_allclose(got, reference, atol=1e-3)
+    assert all(r.mask.dtype == bool for r in results) and inspector.pixel_threshold == 0.5
+    assert main(["export", str(runs["vae"]), "--out", str(tmp_path / "b2"), "--ensemble", str(tmp_path)]) == 2
