@@ -39,7 +39,7 @@ from eproj.cpp_ext._arrays import ArrayView, DeviceArray, device_array, stream_h
 from eproj.errors import ArrayError, ConfigError
 
 __all__ = ["update", "dssim_map", "stop_check", "prepare_update", "prepare_dssim_map", "prepare_stop_check", "PreparedCall", "DssimResult", "device_array", "DeviceArray", "build_info", "cuda_available",
-           "cuda_unavailable_reason", "MAX_WINDOW"]
+           "cuda_unavailable_reason", "cuda_synchronize", "MAX_WINDOW"]
 
 MAX_WINDOW = 31
 _WEIGHTING_CODES = {"hadamard": 0, "mask": 1, "none": 2}
@@ -73,6 +73,11 @@ def cuda_unavailable_reason() -> str:
 
 def cuda_available() -> bool:
     return cuda_unavailable_reason() == ""
+
+
+def cuda_synchronize() -> None:
+    """Wait for all work queued on the current CUDA device."""
+    _load().cuda_synchronize()
 
 
 # ---------------------------------------------------------------------------

@@ -294,6 +294,21 @@ NB_MODULE(_kernels, m) {
       "Empty when the CUDA kernels can run here; otherwise why not.");
 
   m.def(
+      "cuda_synchronize",
+      []() {
+#if defined(EPROJ_WITH_CUDA)
+        nb::gil_scoped_release release;
+        const cudaError_t status = cudaDeviceSynchronize();
+        if (status != cudaSuccess)
+          throw std::runtime_error(std::string("eproj CUDA: cudaDeviceSynchronize failed: ") +
+                                   cudaGetErrorString(status));
+#else
+        throw std::logic_error("eproj kernels: built without CUDA");
+#endif
+      },
+      "Wait for all work on the current device (for callers whose library runs on a stream of its own).");
+
+  m.def(
       "pointer_kind",
       [](std::uintptr_t pointer) -> std::tuple<std::string, int> {
         int device = -1;

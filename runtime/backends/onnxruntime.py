@@ -1,7 +1,9 @@
 """ONNX Runtime: the CPU provider (the embedded default), or the CUDA provider when
 onnxruntime-gpu is installed. The step graph runs with I/O binding: its input
 and outputs are bound once to the loop's buffers, so nothing is copied per
-iteration."""
+iteration. On CUDA, ONNX Runtime computes on a stream of its own, so each
+iteration synchronises the device before the graph runs; the torch and
+TensorRT backends share one stream and do not."""
 
 from __future__ import annotations
 
@@ -96,9 +98,17 @@ class OnnxRuntimeBackend(Backend):
             keep.append(buffer)
             binding.bind_output(name, self.device, 0, np.float32, list(buffer.shape), _pointer(buffer))
         session = self.session
+        if self.device == "cuda":
+            from eproj.cpp_ext import cuda_synchronize
 
-        def step() -> None:
-            session.run_with_iobinding(binding)
+            def step() -> None:
+                # ONNX Runtime computes on a stream of its own, which does not wait for the
+                # kernels queued on the default stream: synchronise first (every iteration)
+                cuda_synchronize()
+                session.run_with_iobinding(binding)
+        else:
+            def step() -> None:
+                session.run_with_iobinding(binding)
 
         step.buffers = keep  # type: ignore[attr-defined]  # keep the bound memory alive with the call
         return step
