@@ -27,7 +27,7 @@ from eproj.runtime.backends import create_backend
 from eproj.runtime.backends.base import Backend
 from eproj.runtime.bundle import FITS, Bundle
 from eproj.runtime.frames import to_batch, to_frame, to_output_order
-from eproj.runtime.projector import BatchOutput, Projector
+from eproj.runtime.projector import BatchOutput, ParallelProjector, Projector, concatenate
 
 METHODS = ("projection", "reconstruction", "ensemble")
 
@@ -82,7 +82,7 @@ class Inspector:
         self.backend_note = backend_note or backend.describe()
         self.pixel_threshold = bundle.threshold(method, "dssim")
         self.score_threshold = bundle.threshold(method, "score")
-        self._projectors: dict[int, Projector] = {}
+        self._projectors: dict[int, Projector | ParallelProjector] = {}
         self._lock = threading.Lock()
         self._ingredients = None
         if method == "ensemble":  # the predictors' ingredients come from the step graph on x0 (CPU)
@@ -117,11 +117,14 @@ class Inspector:
         log.info("eproj runtime: %s", note)
         return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note)
 
-    def _projector(self, n: int) -> Projector:
+    def _projector(self, n: int) -> Projector | ParallelProjector:
         if n not in self._projectors:
             loop = "projection" if self.method == "ensemble" else self.method
-            self._projectors[n] = Projector(self.backend, n, self.bundle.channels, self.bundle.size, self.config,
-                                            self.pixel_threshold, loop, self.check_every)
+            args = (n, self.bundle.channels, self.bundle.size, self.config, self.pixel_threshold, loop,
+                    self.check_every)
+            workers = min(self.backend.workers, n)
+            self._projectors[n] = (ParallelProjector(self.backend.serial(), *args, workers=workers) if workers > 1
+                                   else Projector(self.backend, *args))
         return self._projectors[n]
 
     def __call__(self, frames: Any, known_mask: Any = None) -> list[InspectionResult]:
@@ -141,7 +144,7 @@ class Inspector:
             parts = [self._projector(min(self.batch_size, len(x0) - i)).run(
                 x0[i:i + self.batch_size], None if mask is None else mask[i:i + self.batch_size])
                 for i in range(0, len(x0), self.batch_size)]
-            out = _concatenate(parts)
+            out = concatenate(parts)
             if self.method == "ensemble":
                 self._apply_ensemble(x0, out)
             looped = time.perf_counter()
@@ -184,12 +187,3 @@ class Inspector:
                 projection=projection, iterations=int(out.iterations[rows].max()),
                 stop_reasons=list(out.stop_reason[rows])))
         return results
-
-
-def _concatenate(parts: list[BatchOutput]) -> BatchOutput:
-    if len(parts) == 1:
-        return parts[0]
-    return BatchOutput(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                         ("target", "dssim", "mask", "tile_max", "iterations")),
-                       stop_reason=[r for p in parts for r in p.stop_reason],
-                       loss=np.concatenate([p.loss for p in parts]), timings={})

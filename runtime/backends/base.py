@@ -33,6 +33,11 @@ class Backend(ABC):
     # thread pool spins between graph calls set 1: the kernels are a few percent of
     # an iteration, and two pools spinning on the same cores cost far more.
     kernel_threads: int = 0
+    # projection loops that may run side by side, one CPU thread each, on parts of a
+    # batch (see ``serial``). On a few CPU cores, splitting the batch this way beats
+    # splitting each operator across threads: no barrier after every operator, and each
+    # core keeps its own images in cache. 1 for GPU backends.
+    workers: int = 1
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
@@ -63,6 +68,12 @@ class Backend(ABC):
         """Return a faster equivalent of ``iteration`` (a CUDA graph on GPUs); the
         buffers' contents are garbage afterwards. The CPU has nothing to capture."""
         return iteration
+
+    def serial(self) -> "Backend":
+        """This backend with its step graph on one thread, for the loops that run side
+        by side when ``workers`` > 1 (their graph calls may overlap). Backends with
+        ``workers`` = 1 return themselves."""
+        return self
 
     def describe(self) -> str:
         return f"{self.name} ({self.device})"

@@ -1,12 +1,15 @@
 """ONNX Runtime: the CPU provider (the embedded default), or the CUDA provider when
 onnxruntime-gpu is installed. The step graph runs with I/O binding: its input
 and outputs are bound once to the loop's buffers, so nothing is copied per
-iteration. On CUDA, ONNX Runtime computes on a stream of its own, so each
+iteration. On the CPU a batch of two or more tiles is split across ``threads``
+loops run side by side, each calling a one-thread session (``workers``,
+``serial``); a single tile uses a session of ``threads`` threads. On CUDA, ONNX Runtime computes on a stream of its own, so each
 iteration synchronises the device before the graph runs; the torch and
 TensorRT backends share one stream and do not."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +60,10 @@ class OnnxRuntimeBackend(Backend):
         self._ort = ort
         self.device = device
         self.precision = precision
+        self.threads = threads
+        if device == "cpu":
+            self.workers = threads if threads > 0 else _cpu_cores()
+        self._serial: OnnxRuntimeBackend | None = None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         # ONNX Runtime's threads spin between graph calls (lower latency); the fused
@@ -65,6 +72,13 @@ class OnnxRuntimeBackend(Backend):
         graph = bundle.graph_path("step_fp16" if precision == "fp16" else "step")
         self.session = ort.InferenceSession(str(graph), options, providers=[provider])
         self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def serial(self) -> "OnnxRuntimeBackend":
+        if self.workers == 1:
+            return self
+        if self._serial is None:
+            self._serial = OnnxRuntimeBackend(self.bundle, self.device, threads=1, precision=self.precision)
+        return self._serial
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
         if self.device == "cpu":
@@ -114,5 +128,15 @@ class OnnxRuntimeBackend(Backend):
         return step
 
     def describe(self) -> str:
-        return f"onnxruntime ({'CUDAExecutionProvider' if self.device == 'cuda' else 'CPUExecutionProvider'}, " \
-               f"{self.precision})"
+        if self.device == "cuda":
+            return f"onnxruntime (CUDAExecutionProvider, {self.precision})"
+        loops = f", {self.workers} loops side by side on batches" if self.workers > 1 else ""
+        return f"onnxruntime (CPUExecutionProvider, {self.precision}{loops})"
+
+
+def _cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

@@ -21,16 +21,19 @@ from eproj.train.models import FAMILIES
 from eproj.train.projection import project
 
 
-def _backend(name: str) -> tuple[str, str]:
-    backend, _, device = name.partition("-")
+def _backend(name: str) -> tuple[str, str, dict]:
+    """'backend-device[-threads]' -> the Inspector's backend, device and options."""
+    backend, device, *threads = name.split("-")
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here")
     if backend == "tensorrt":
         pytest.importorskip("tensorrt", reason="TensorRT is not installed")
-    return backend, device or "cpu"
+    return backend, device, {"threads": int(threads[0])} if threads else {}
 
 
-BACKENDS = ["onnxruntime-cpu", "torch-cpu", pytest.param("torch-cuda", marks=pytest.mark.cuda),
+# onnxruntime-cpu-2 splits every batch across two loops side by side (ParallelProjector);
+# onnxruntime-cpu-1 runs one loop
+BACKENDS = ["onnxruntime-cpu-2", "onnxruntime-cpu-1", "torch-cpu", pytest.param("torch-cuda", marks=pytest.mark.cuda),
             pytest.param("tensorrt-cuda", marks=pytest.mark.cuda)]
 
 
@@ -66,9 +69,9 @@ def _compare(inspector: Inspector, trained, frames: np.ndarray, mask=None):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_runtime_matches_the_reference(bundles, family, backend):
-    name, device = _backend(backend)
+    name, device, options = _backend(backend)
     trained, folder = bundles[family]
-    inspector = Inspector.from_bundle(folder, backend=name, device=device, max_iters=10, fit="none")
+    inspector = Inspector.from_bundle(folder, backend=name, device=device, max_iters=10, fit="none", **options)
     _compare(inspector, trained, _frames())
 
 
@@ -77,10 +80,10 @@ def test_runtime_matches_the_reference(bundles, family, backend):
                                        {"weighting": "mask", "alpha": 0.01},
                                        {"energy_tol": 0.02, "max_iters": 30}])
 def test_every_projection_variant(bundles, backend, overrides):
-    name, device = _backend(backend)
+    name, device, options = _backend(backend)
     trained, folder = bundles["l2ae"]
     params = {"max_iters": 10, **overrides}
-    inspector = Inspector.from_bundle(folder, backend=name, device=device, fit="none", **params)
+    inspector = Inspector.from_bundle(folder, backend=name, device=device, fit="none", **options, **params)
     frames = _frames()
     mask = None
     if overrides.get("weighting") == "mask":
@@ -95,12 +98,12 @@ def test_every_projection_variant(bundles, backend, overrides):
 def test_a_stop_threshold_stops_samples_early(bundles):
     trained, folder = bundles["l2ae"]
     frames = _frames()
-    probe = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=0, fit="none")
+    probe = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=0, fit="none", threads=1)
     probe(list(frames))
     losses = probe._projectors[len(frames)].backend.download(probe._projectors[len(frames)].final_loss)
     threshold = float(np.median(losses))  # about half the frames start under it
     inspector = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=10, stop_threshold=threshold,
-                                      fit="none")
+                                      fit="none", threads=2)
     results = _compare(inspector, trained, frames)
     assert {r.stop_reasons[0] for r in results} >= {"threshold"}
 
