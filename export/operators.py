@@ -5,7 +5,7 @@ Every exported graph is checked against this set at export time and in the tests
 
 ALLOWED_OPS = frozenset({
     # arithmetic and activations
-    "Add", "Sub", "Mul", "Div", "Reciprocal", "Neg", "Exp", "Log", "Sqrt", "Pow", "Sigmoid", "LeakyRelu", "Relu",
+    "Add", "Sub", "Mul", "Div", "Reciprocal", "Neg", "Exp", "Log", "Sqrt", "Pow", "Sigmoid", "LeakyRelu", "Relu", "Clip",
     # convolutions and products
     "Conv", "ConvTranspose", "MatMul", "Gemm",
     # shapes and constants

@@ -66,11 +66,19 @@ def _layer_input_grad(layer: nn.Module, grad_out: torch.Tensor, output: torch.Te
                       input_shape: torch.Size) -> torch.Tensor:
     """Gradient at a layer's input from the gradient at its output (forward ops only)."""
     if isinstance(layer, nn.LeakyReLU):
-        # 1 where the output is positive and the slope elsewhere, as arithmetic (ONNX
-        # Runtime's CPU Where was half of the whole step at batch 16), written so that
-        # both values are exact in float16 too
+        # the derivative is 1 where the output is positive and the slope elsewhere,
+        # written as arithmetic (ONNX Runtime's CPU Where was half of the whole step at
+        # batch 16)
+        slope = layer.negative_slope
+        if output.dtype in (torch.float32, torch.float64):
+            # two operators: a positive normal float times the type's largest float is
+            # >= 1 (>= 1 or inf), zero and negatives stay <= 0, so the clip gives exactly
+            # 1 or the slope; only denormal outputs (under 3e-39 in float32) would get the
+            # slope. This is a tenth of the step on the CPU faster than the form below.
+            return grad_out * torch.clamp(output * torch.finfo(output.dtype).max, min=slope, max=1.0)
+        # float16: its subnormals span too wide a range for the clip; exact for every value
         positive = (output > 0).to(grad_out.dtype)
-        return grad_out * (positive + layer.negative_slope * (1.0 - positive))
+        return grad_out * (positive + slope * (1.0 - positive))
     if isinstance(layer, nn.Sigmoid):
         return grad_out * output * (1.0 - output)
     if isinstance(layer, nn.Conv2d):

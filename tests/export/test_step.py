@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from eproj.export.step import StepModule, gaussian_matrix
+from eproj.export.step import StepModule, _layer_input_grad, gaussian_matrix
 from eproj.train.losses import gaussian_filter, kl_divergence, reconstruction_loss
 from eproj.train.models import FAMILIES
 
@@ -78,3 +78,21 @@ def test_step_matches_autograd_on_the_shipped_models(name):
     want, got = _autograd(model, x), _analytic(model, x)
     for key in want:
         assert _relative_error(got[key], want[key]) <= 1e-4, key
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_leaky_relu_derivative_is_exactly_one_or_the_slope(dtype):
+    """Against autograd at the edges: zero (either sign), the smallest normal and
+    subnormal-adjacent outputs, outputs that overflow when scaled, negatives."""
+    layer = torch.nn.LeakyReLU(0.2)
+    info = torch.finfo(dtype)
+    z = torch.tensor([0.0, -0.0, info.tiny, 2 * info.tiny, 1e-3, 0.5, 1.0, 3.0, info.max, -info.tiny, -1.0,
+                      -info.max], dtype=dtype).requires_grad_(True)
+    y = layer(z)
+    g = torch.linspace(-2, 2, len(z), dtype=dtype)
+    expected, = torch.autograd.grad(y, z, g)
+    got = _layer_input_grad(layer, g, y.detach(), z.shape)
+    if dtype == torch.float16:  # the slope is rounded to float16 before the product: one rounding apart
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=0)
+    else:
+        assert torch.equal(got, expected)
