@@ -22,6 +22,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _set_threads(args: argparse.Namespace) -> int:
+    """Apply ``--threads`` to torch; the same count for ONNX Runtime (0: every core)."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args.threads or 0
+
+
 def _given(**options: object) -> dict[str, object]:
     """The options the user set; the rest keep the defaults of ModelConfig and TrainConfig."""
     return {k: v for k, v in options.items() if v is not None}
@@ -90,7 +99,7 @@ def _cmd_eval_maps(args: argparse.Namespace) -> int:
     from eproj.train.evaluate import write_json
     from eproj.train.predictor_eval import evaluate_model
 
-    result = evaluate_model(args.run, args.data)
+    result = evaluate_model(args.run, args.data, threads=_set_threads(args))
     if args.method not in result["metrics"]:
         from eproj.errors import ConfigError
 
@@ -105,7 +114,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     from eproj.train.report import report
 
-    report(args.models, Path(args.out), args.data, command="eproj " + shlex.join(args.raw))
+    report(args.models, Path(args.out), args.data, command="eproj " + shlex.join(args.raw),
+           threads=_set_threads(args))
     print(f"wrote {Path(args.out) / 'report.md'} and report.json")
     return 0
 
@@ -116,7 +126,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from eproj.train.report import sweep
 
     sweep(args.data, args.model, args.parameter, args.values, Path(args.out), args.steps, args.size, args.lr,
-          command="eproj " + shlex.join(args.raw))
+          command="eproj " + shlex.join(args.raw), threads=_set_threads(args))
     print(f"wrote {Path(args.out) / 'sweep.md'} and sweep.json")
     return 0
 

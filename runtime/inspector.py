@@ -107,6 +107,9 @@ class Inspector:
             channel_order: of colour frames, "bgr" (OpenCV) or "rgb".
             batch_size: tiles per batch through the loop.
             check_every: iterations between reads of the stop flags (1 on the CPU, 8 on GPUs).
+            threads: CPU threads (0: every core this process may use). With ONNX Runtime
+                on the CPU, a batch of two or more tiles is split across that many loops
+                run side by side, one thread each; a single tile uses all of them.
             **overrides: projection parameters (alpha, lam, step, weighting, max_iters,
                 energy_tol, stop_threshold, adam_beta1, ...), default the bundle's.
         """

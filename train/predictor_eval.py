@@ -44,12 +44,13 @@ def _metrics(maps: list[np.ndarray], masks: list[np.ndarray | None], labels: np.
 
 
 def tile_maps(trained: TrainedModel, tiles: np.ndarray, bundle: Path, config: PredictorConfig,
-              batch: int = 16, progress: bool = True) -> dict[str, np.ndarray]:
-    """Every map but the ensemble for (T, C, S, S) tiles, (T, S, S) each, on the runtime."""
+              batch: int = 16, progress: bool = True, threads: int = 0) -> dict[str, np.ndarray]:
+    """Every map but the ensemble for (T, C, S, S) tiles, (T, S, S) each, on the runtime
+    (``threads`` CPU threads, 0: every core)."""
     from eproj.runtime.predictors import StepIngredients
 
     names = tuple(m for m in available_maps(trained.config.family) if m in PREDICTORS)
-    ingredients = StepIngredients(bundle)
+    ingredients = StepIngredients(bundle, threads=threads)
     out: dict[str, list[np.ndarray]] = {m: [] for m in ("dssim_reconstruction", "dssim_projection") + names}
     for start in tqdm(range(0, len(tiles), batch), desc=f"maps {trained.config.family}", unit="batch",
                       disable=not progress, leave=False):
@@ -64,7 +65,7 @@ def tile_maps(trained: TrainedModel, tiles: np.ndarray, bundle: Path, config: Pr
 
 
 def evaluate_maps(trained: TrainedModel, data: str, config: PredictorConfig = PredictorConfig(),
-                  fit_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                  fit_fraction: float = 0.1, seed: int = 0, progress: bool = True, threads: int = 0) -> dict[str, Any]:
     """Metrics of every map of ``trained`` on the test set of ``data`` (see the module docstring)."""
     from eproj.export.onnx_graphs import export_bundle
 
@@ -78,7 +79,7 @@ def evaluate_maps(trained: TrainedModel, data: str, config: PredictorConfig = Pr
         owners += [i] * len(parts)
     with tempfile.TemporaryDirectory() as folder:
         export_bundle(trained, folder)
-        per_tile = tile_maps(trained, to_batch(tiles), Path(folder), config, progress=progress)
+        per_tile = tile_maps(trained, to_batch(tiles), Path(folder), config, progress=progress, threads=threads)
     owners_arr = np.asarray(owners)
     per_image = {name: [untile(m[owners_arr == i], s.image.shape[:2]) for i, s in enumerate(samples)]
                  for name, m in per_tile.items()}

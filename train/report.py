@@ -50,13 +50,14 @@ def write_report(results: list[dict[str, Any]], out: Path, title: str, command: 
     write_atomic(out / "report.md", text.encode())
 
 
-def report(models: list[str], out: Path, data: str | None = None, command: str = "") -> list[dict[str, Any]]:
+def report(models: list[str], out: Path, data: str | None = None, command: str = "",
+           threads: int = 0) -> list[dict[str, Any]]:
     """Evaluate every model's maps; write report.json and report.md into ``out``."""
     if not models:
         raise ConfigError("report needs at least one model")
     results = []
     for path in models:
-        results.append(evaluate_model(path, data))
+        results.append(evaluate_model(path, data, threads=threads))
         write_report(results, out, "Anomaly maps compared", command)  # after each: nothing lost on interruption
     return results
 
@@ -65,7 +66,7 @@ SWEEPABLE = ("beta", "latent")
 
 
 def sweep(data: str, family: str, parameter: str, values: list[float], out: Path, steps: int,
-          size: int = 128, lr: float = 2e-4, command: str = "") -> list[dict[str, Any]]:
+          size: int = 128, lr: float = 2e-4, command: str = "", threads: int = 0) -> list[dict[str, Any]]:
     """Train one model per value of ``parameter`` (resumable runs under ``out``), then report them."""
     from eproj.train.models import ModelConfig
     from eproj.train.trainer import TrainConfig, train
@@ -83,7 +84,7 @@ def sweep(data: str, family: str, parameter: str, values: list[float], out: Path
         run = out / f"{parameter}-{value:g}"
         model = train(run, ModelConfig(family=family, size=size, channels=channels, **options),
                       TrainConfig(data=data, steps=steps, lr=lr), progress=True)
-        result = evaluate_model(model, data)
+        result = evaluate_model(model, data, threads=threads)
         result["sweep"] = {parameter: value}
         results.append(result)
         rows = [(f"{parameter} = {r['sweep'][parameter]:g}", r["metrics"]) for r in results]

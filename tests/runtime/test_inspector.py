@@ -44,6 +44,29 @@ def test_batches_larger_than_the_batch_size_are_split(bundles):
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
 
 
+def test_cpu_batches_split_across_loops_side_by_side(bundles):
+    """threads=3 on 7 tiles: loops of 3, 2 and 2 tiles at once, the same answers as one
+    loop (ONNX Runtime's one- and three-thread sessions round alike to 1e-5); a
+    single tile runs one loop on the three-thread session."""
+    from eproj.runtime.projector import ParallelProjector, Projector
+
+    frames = [_frame(seed) for seed in range(7)]
+    one = Inspector.from_bundle(bundles["l2ae"][1], backend="onnxruntime", threads=1, max_iters=4, fit="none")
+    three = Inspector.from_bundle(bundles["l2ae"][1], backend="onnxruntime", threads=3, max_iters=4, fit="none")
+    assert "3 loops side by side" in three.backend_note
+    for a, b in zip(one(frames), three(frames)):
+        np.testing.assert_allclose(b.projection, a.projection, atol=1e-5)
+        np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, atol=1e-5)
+        assert (b.iterations, b.stop_reasons) == (a.iterations, a.stop_reasons)
+    split = three._projectors[7]
+    assert isinstance(split, ParallelProjector) and [p.n for p in split.parts] == [3, 2, 2]
+    assert isinstance(one._projectors[7], Projector)
+    three(frames[0])
+    assert isinstance(three._projectors[1], Projector) and three._projectors[1].backend is three.backend
+    with pytest.raises(ConfigError, match="workers"):
+        ParallelProjector(three.backend.serial(), 2, 1, 32, three.config, 0.5, workers=3)
+
+
 def test_resize_and_tile_return_maps_at_the_frame_size(bundles):
     folder = bundles["l2ae"][1]
     tiled = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=2, fit="tile")

@@ -84,3 +84,27 @@ def test_the_runtime_applies_a_stored_ensemble(tiny_runs, tmp_path):
     np.testing.assert_allclose(got, reference, atol=1e-3)
     assert all(r.mask.dtype == bool for r in results) and inspector.pixel_threshold == 0.5
     assert main(["export", str(runs["vae"]), "--out", str(tmp_path / "b2"), "--ensemble", str(tmp_path)]) == 2
+
+
+def test_threads_reach_torch_and_onnx_runtime(tiny_runs, tmp_path, monkeypatch):
+    """``eproj --threads N report|sweep|eval`` runs torch and the runtime on N threads
+    (a sweep beside other jobs oversubscribed the cores without it)."""
+    import torch
+
+    from eproj.runtime.predictors import StepIngredients
+
+    _, _, runs = tiny_runs
+    seen = []
+    original = StepIngredients.__init__
+
+    def spy(self, bundle, threads=0, **projection):
+        seen.append(threads)
+        original(self, bundle, threads, **projection)
+
+    monkeypatch.setattr(StepIngredients, "__init__", spy)
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "report", str(runs["l2ae"]), "--out", str(tmp_path / "r")]) == 0
+        assert torch.get_num_threads() == 1 and seen == [1]
+    finally:
+        torch.set_num_threads(before)
