@@ -1,11 +1,14 @@
 """ONNX Runtime: the CPU provider (the embedded default), or the CUDA provider when
 onnxruntime-gpu is installed. The step graph runs with I/O binding: its input
 and outputs are bound once to the loop's buffers, so nothing is copied per
-iteration. On the CPU a batch of two or more tiles is split across ``threads``
-loops run side by side, each calling a one-thread session (``workers``,
-``serial``); a single tile uses a session of ``threads`` threads. On CUDA, ONNX Runtime computes on a stream of its own, so each
-iteration synchronises the device before the graph runs; the torch and
-TensorRT backends share one stream and do not."""
+iteration.
+
+On the CPU, a batch of two or more tiles is split across ``threads`` loops run
+side by side, each calling a one-thread session (``workers``, ``serial``); a
+single tile uses a session of ``threads`` threads. On CUDA, ONNX Runtime
+computes on a stream of its own, so each iteration synchronises the device
+before the graph runs; the torch and TensorRT backends share one stream and do
+not."""
 
 from __future__ import annotations
 
@@ -60,7 +63,6 @@ class OnnxRuntimeBackend(Backend):
         self._ort = ort
         self.device = device
         self.precision = precision
-        self.threads = threads
         if device == "cpu":
             self.workers = threads if threads > 0 else _cpu_cores()
         self._serial: OnnxRuntimeBackend | None = None
