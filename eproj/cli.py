@@ -139,13 +139,9 @@ def _floats(text: str) -> list[float]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
     from eproj.train.demo import run_demo
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_demo(Path(args.out), retrain=args.train, steps=args.steps)
+    run_demo(Path(args.out), retrain=args.train, steps=args.steps, threads=_set_threads(args))
     return 0
 
 

@@ -143,8 +143,9 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"\nprojection beats reconstruction in pixel AUROC on {sum(verdict.values())}/{len(verdict)} models")
 
 
-def run_demo(out: Path, retrain: bool = False, steps: int | None = None) -> dict[str, Any]:
-    """Evaluate both methods for every demo model; write report.json and panels into ``out``."""
+def run_demo(out: Path, retrain: bool = False, steps: int | None = None, threads: int = 0) -> dict[str, Any]:
+    """Evaluate both methods for every demo model; write report.json and panels into ``out``
+    (the runtime on ``threads`` CPU threads, 0: every core)."""
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"eproj": __version__, "map": "dssim", "models": {},
                               "projection_beats_reconstruction": {}}
@@ -156,7 +157,7 @@ def run_demo(out: Path, retrain: bool = False, steps: int | None = None) -> dict
         bundle = out / "bundles" / name
         export_bundle(trained, bundle)
         inspectors = {method: Inspector.from_bundle(bundle, backend="onnxruntime", method=method, fit="none",
-                                                    channel_order="rgb", batch_size=48)
+                                                    channel_order="rgb", batch_size=48, threads=threads)
                       for method in ("reconstruction", "projection")}
         recon_report, recon = evaluate(trained, data, "reconstruction", inspector=inspectors["reconstruction"])
         proj_report, proj = evaluate(trained, data, "projection", inspector=inspectors["projection"])
