@@ -194,6 +194,3 @@ class ParallelProjector:
         out = concatenate(parts)
         out.timings = {k: max(p.timings[k] for p in parts) for k in parts[0].timings}
         return out
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
