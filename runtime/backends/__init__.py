@@ -73,7 +73,7 @@ def create_backend(bundle: Bundle, backend: str = "auto", device: str | None = N
     if backend == "onnxruntime":
         from eproj.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        allowed = {k: v for k, v in options.items() if k in ("threads", "precision")}
+        allowed = {k: v for k, v in options.items() if k in ("threads", "precision", "loops")}
         chosen = OnnxRuntimeBackend(bundle, device or "cpu", **allowed)
     elif backend == "torch":
         from eproj.runtime.backends.torch import TorchBackend

@@ -45,7 +45,11 @@ def _pointer(buffer: Any) -> int:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0, precision: str = "fp32"):
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0, precision: str = "fp32",
+                 loops: int | None = None):
+        """``loops``: on the CPU, how many loops may run side by side on a batch
+        (default ``threads``, or every core); 1 runs one loop whose graph uses every
+        thread, as for several inspectors sharing the cores."""
         super().__init__(bundle)
         try:
             import onnxruntime as ort
@@ -63,8 +67,10 @@ class OnnxRuntimeBackend(Backend):
         self._ort = ort
         self.device = device
         self.precision = precision
+        if loops is not None and loops < 1:
+            raise ConfigError(f"loops must be >= 1, got {loops}")
         if device == "cpu":
-            self.workers = threads if threads > 0 else _cpu_cores()
+            self.workers = loops or (threads if threads > 0 else _cpu_cores())
         self._serial: OnnxRuntimeBackend | None = None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -65,6 +65,13 @@ def test_cpu_batches_split_across_loops_side_by_side(bundles):
     assert isinstance(three._projectors[1], Projector) and three._projectors[1].backend is three.backend
     with pytest.raises(ConfigError, match="workers"):
         ParallelProjector(three.backend.serial(), 2, 1, 32, three.config, 0.5, workers=3)
+    single = Inspector.from_bundle(bundles["l2ae"][1], backend="onnxruntime", threads=3, loops=1, max_iters=4,
+                                   fit="none")
+    for a, b in zip(one(frames), single(frames)):
+        np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, atol=1e-5)
+    assert isinstance(single._projectors[7], Projector) and "side by side" not in single.backend_note
+    with pytest.raises(ConfigError, match="loops must be >= 1, got 0"):
+        Inspector.from_bundle(bundles["l2ae"][1], backend="onnxruntime", loops=0)
 
 
 def test_resize_and_tile_return_maps_at_the_frame_size(bundles):

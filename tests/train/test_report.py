@@ -54,12 +54,12 @@ def test_sweep_trains_one_model_per_value(tiny_runs, tmp_path):
     assert main(["sweep", "--data", data, "--parameter", "beta", "--values", "0.5,2", "--steps", "2", "--size",
                  "32", "--out", str(out)]) == 0
     text = (out / "sweep.md").read_text()
-    assert "| beta = 0.5 |" in text and "| beta = 2 |" in text
+    assert "| beta = 0.5 |" in text and "| beta = 2 |" in text and "## AUPRO" in text
     assert main(["sweep", "--data", data, "--model", "l2ae", "--parameter", "beta", "--values", "1", "--steps",
                  "2", "--size", "32", "--out", str(out)]) == 2
 
 
-def test_the_runtime_applies_a_stored_ensemble(tiny_runs, tmp_path):
+def test_the_runtime_applies_a_stored_ensemble(tiny_runs, tmp_path, capsys):
     import numpy as np
     import torch
 
@@ -84,6 +84,8 @@ def test_the_runtime_applies_a_stored_ensemble(tiny_runs, tmp_path):
     np.testing.assert_allclose(got, reference, atol=1e-3)
     assert all(r.mask.dtype == bool for r in results) and inspector.pixel_threshold == 0.5
     assert main(["export", str(runs["vae"]), "--out", str(tmp_path / "b2"), "--ensemble", str(tmp_path)]) == 2
+    assert main(["export", str(runs["l2ae"]), "--out", str(tmp_path / "b3"), "--ensemble", str(fitted)]) == 2
+    assert "needs a variational family" in capsys.readouterr().err
 
 
 def test_threads_reach_torch_and_onnx_runtime(tiny_runs, tmp_path, monkeypatch):
