@@ -31,12 +31,13 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 
 
-def gaussian_taps(window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps, shape (window,), float64."""
+def gaussian_taps(window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps, shape (window,), float64, on ``device``."""
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be odd and >= 1, got {window}")
     r = window // 2
-    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    t = torch.arange(-r, r + 1, dtype=torch.float64, device=device)
     taps = torch.exp(-(t * t) / (2.0 * sigma * sigma))
     return taps / taps.sum()
 
@@ -53,7 +54,7 @@ def _symmetric_pad(x: torch.Tensor, r: int) -> torch.Tensor:
 
 def gaussian_filter(x: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Separable Gaussian filter of (N, C, H, W) with symmetric borders; same shape out."""
-    taps = gaussian_taps(window, sigma).to(x.dtype).to(x.device)
+    taps = gaussian_taps(window, sigma, x.device).to(x.dtype)
     c = x.shape[1]
     r = window // 2
     xp = _symmetric_pad(x, r)

@@ -148,9 +148,13 @@ class StopState:
     final_energy: torch.Tensor
 
     @classmethod
-    def start(cls, n: int, dtype: torch.dtype = torch.float32) -> "StopState":
-        return cls(torch.ones(n, dtype=torch.bool), torch.full((n,), float("inf"), dtype=dtype),
-                   torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype))
+    def start(cls, n: int, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> "StopState":
+        """Every sample active, on ``device`` (default: torch's default device)."""
+        return cls(torch.ones(n, dtype=torch.bool, device=device),
+                   torch.full((n,), float("inf"), dtype=dtype, device=device),
+                   torch.zeros(n, dtype=torch.int64, device=device), torch.zeros(n, dtype=dtype, device=device),
+                   torch.zeros(n, dtype=dtype, device=device))
 
 
 def stop_check(loss: torch.Tensor, distance: torch.Tensor, iterations: torch.Tensor, state: StopState,
@@ -222,12 +226,13 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
                 or mask.shape[1] not in (1, x0.shape[1]):
             raise ConfigError(f"mask must be (N, 1 or C, H, W) = ({x0.shape[0]}, 1|{x0.shape[1]}, "
                               f"{x0.shape[2]}, {x0.shape[3]}), got {tuple(mask.shape)}")
-        mask = mask.to(x0.dtype)
+        mask = mask.to(device=x0.device, dtype=x0.dtype)
     n = x0.shape[0]
     x0 = x0.detach()
     x = x0.clone()
-    iterations = torch.zeros(n, dtype=torch.int64)
-    state = StopState.start(n, x0.dtype)
+    # every tensor of the loop lives on the input's device (CPU, CUDA, ...)
+    iterations = torch.zeros(n, dtype=torch.int64, device=x0.device)
+    state = StopState.start(n, x0.dtype, x0.device)
     m = torch.zeros_like(x0) if config.step == "adam" else None
     v = torch.zeros_like(x0) if config.step == "adam" else None
     with _frozen(model):

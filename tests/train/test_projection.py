@@ -101,3 +101,26 @@ def test_bad_projection_arguments(tiny_model):
     for bad in (dict(alpha=0), dict(step="lbfgs"), dict(weighting="x"), dict(max_iters=-1), dict(lam=-1)):
         with pytest.raises(ConfigError):
             ProjectionConfig(**bad)
+
+
+@pytest.mark.parametrize("family,weighting,step", [("vae", "hadamard", "plain"), ("dsae", "mask", "adam"),
+                                                   ("gvae", "none", "plain")])
+def test_projection_creates_every_tensor_on_the_input_device(tiny_model, family, weighting, step):
+    """With torch's default device set to "meta", a tensor the projection creates without the
+    input's device lands on meta and mixes with the CPU inputs (as a CPU tensor would with CUDA
+    inputs): the run must not notice the default device at all."""
+    model = tiny_model(family)
+    x0 = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mask = torch.ones(2, 1, 32, 32, dtype=torch.float64) if weighting == "mask" else None
+    config = ProjectionConfig(alpha=0.5 if step == "plain" else 0.01, max_iters=3, weighting=weighting, step=step)
+    expected = project(model, x0, config, mask)
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        result = project(model, x0, config, mask)
+    finally:
+        torch.set_default_device(previous)
+    for tensor in (result.projection, result.iterations, result.loss, result.energy):
+        assert tensor.device == x0.device
+    torch.testing.assert_close(result.projection, expected.projection)
+    assert result.stop_reason == expected.stop_reason
