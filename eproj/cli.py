@@ -191,9 +191,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from eproj.files import write_atomic
     from eproj.runtime.bench import bench
 
-    threads = _set_threads(args)  # torch's: the reference row's threads
+    _set_threads(args)  # torch's: the reference row's threads
     result = bench(args.bundle, backend=args.backend, device=args.device, batches=args.batch, iters=args.iters,
-                   size=args.size, warmup=args.warmup, repeats=args.repeats, threads=threads,
+                   size=args.size, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
                    precision=args.precision, reference=not args.no_reference)
     text = json.dumps(result, indent=2)
     write_atomic(Path(args.json), (text + "\n").encode())
@@ -213,8 +213,8 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch", "tensorrt"), default="auto",
                    help="auto: TensorRT, then torch on CUDA, then ONNX Runtime on the CPU")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="for onnxruntime and torch")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="fp16 runs step_fp16 (export --fp16) or an fp16 engine")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default=None,
+                   help="onnxruntime and tensorrt [fp32]: fp16 runs step_fp16 (export --fp16) or an fp16 engine")
     p.add_argument("--method", choices=("projection", "reconstruction", "ensemble"), default="projection",
                    help="ensemble: the bundle's predictor ensemble (export --ensemble)")
     p.add_argument("--fit", choices=("none", "resize", "tile"), default=None, help="default: the bundle's")

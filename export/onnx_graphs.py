@@ -9,7 +9,9 @@
 - with ``fp16=True``, ``step_fp16.onnx``: the same step with the network and its
   backward pass in float16 (the loss terms, input and outputs in float32), with its error against ``step.onnx`` measured by ONNX
   Runtime and written into the manifest;
-- ``model.pt``: the checkpoint, for the runtime's torch backend;
+- ``step.pt2``: the same step as a ``torch.export`` program (weights included), which
+  the runtime's torch backend runs with torch alone, without eproj's training code;
+- ``model.pt``: the checkpoint, for the eager-autograd reference of ``eproj bench``;
 - ``manifest.json`` (``eproj.bundle``).
 
 N is dynamic in every graph. Each graph passes ``onnx.checker`` with full shape
@@ -186,6 +188,7 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         "opset": opset,
         "graphs": graphs,
         "weights": _copy_weights(trained, out),
+        "torch_step": _export_torch_step(model, x, out / "step.pt2"),
     }
     if ensemble is not None:
         if not cfg.variational:
@@ -201,8 +204,23 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
     return write_manifest(out, manifest)
 
 
+def _export_torch_step(model: Autoencoder, example: torch.Tensor, path: Path) -> dict[str, Any]:
+    """``StepModule(model)`` as a ``torch.export`` program with a dynamic batch, saved to
+    ``path``: what the runtime's torch backend loads (torch alone, no eproj.train)."""
+    step = StepModule(model).eval()
+    for p in step.parameters():
+        p.requires_grad_(False)
+    batch = torch.export.Dim("N", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(step, (example,), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(program, str(path))
+    return {"file": path.name, "format": "torch.export ExportedProgram (x -> the step graph's outputs)",
+            "torch": torch.__version__}
+
+
 def _copy_weights(trained: TrainedModel, out: Path) -> dict[str, Any]:
-    """The checkpoint itself, for the runtime's torch backend (which runs the step
-    module, not autograd); hashed with the graphs."""
+    """The checkpoint itself, for the eager-autograd reference that ``eproj bench``
+    compares the runtime with; hashed with the graphs."""
     target = save_model(trained, out / "model.pt")
     return {"file": target.name, "format": "eproj model (torch.load weights_only)"}

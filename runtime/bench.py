@@ -93,8 +93,8 @@ def _reference(inspector: Inspector, frames: list[np.ndarray], warmup: int, repe
 
 
 def bench(bundle: str, backend: str = "auto", device: str | None = None, batches: tuple[int, ...] = (1, 8, 32),
-          iters: int = 30, size: int | None = None, warmup: int = 3, repeats: int = 20, threads: int = 0,
-          precision: str = "fp32", reference: bool = True) -> dict[str, Any]:
+          iters: int = 30, size: int | None = None, warmup: int = 3, repeats: int = 20, threads: int | None = None,
+          precision: str | None = None, reference: bool = True) -> dict[str, Any]:
     """Latency rows for each batch size; see the module docstring."""
     probe = Inspector.from_bundle(bundle, backend=backend, device=device, threads=threads, precision=precision)
     frame_size = size or probe.bundle.size
@@ -133,4 +133,4 @@ def bench(bundle: str, backend: str = "auto", device: str | None = None, batches
 
     return {"benchmark": "eproj bench", "bundle": str(bundle), "backend": probe.backend_note,
             "family": probe.bundle.family, "model_size": probe.bundle.size, "channels": probe.bundle.channels,
-            "threads": threads, "machine": platform.machine(), "kernels": kernels.build_info(), "rows": rows}
+            "threads": threads or 0, "machine": platform.machine(), "kernels": kernels.build_info(), "rows": rows}

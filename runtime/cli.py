@@ -135,15 +135,15 @@ def inspector_from_args(args: Any, **extra: Any) -> Inspector:
     overrides.update(extra)
     return Inspector.from_bundle(args.bundle, backend=args.backend, device=args.device, method=args.method,
                                  fit=args.fit, channel_order="bgr", batch_size=getattr(args, "batch_size", 16),
-                                 threads=args.threads or 0, precision=args.precision, **overrides)
+                                 threads=args.threads, precision=args.precision, **overrides)
 
 
 def cmd_run(args: Any) -> int:
     _stop_on_sigterm()
-    inspector = inspector_from_args(args)
-    print(f"eproj run: {inspector.backend_note}", file=sys.stderr)
-    out = Path(args.out)
-    counts = run_stream(inspector, args.source, out, show=args.show, max_frames=args.max_frames)
+    with inspector_from_args(args) as inspector:
+        print(f"eproj run: {inspector.backend_note}", file=sys.stderr)
+        out = Path(args.out)
+        counts = run_stream(inspector, args.source, out, show=args.show, max_frames=args.max_frames)
     print(f"inspected {counts['inspected']} frames ({counts['defective']} defective, {counts['skipped']} "
           f"skipped); wrote {out / 'results.jsonl'}, masks and overlays")
     return 0

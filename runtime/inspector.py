@@ -65,6 +65,10 @@ class Inspector:
     Calls are serialised by a lock: one Inspector may be shared by threads, but
     they take turns (the device buffers are reused). For parallel inspection,
     give each thread its own Inspector.
+
+    ``close()`` (or leaving a ``with Inspector.from_bundle(...) as inspector:`` block)
+    stops the loops' threads and releases the backend's sessions, device memory and
+    streams; a closed Inspector refuses further calls.
     """
 
     def __init__(self, bundle: Bundle, backend: Backend, config: ProjectionConfig, method: str = "projection",
@@ -84,6 +88,7 @@ class Inspector:
         self.score_threshold = bundle.threshold(method, "score")
         self._projectors: dict[int, Projector | ParallelProjector] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self._ingredients = None
         if method == "ensemble":  # the predictors' ingredients come from the step graph on x0 (CPU)
             from eproj.runtime.predictors import StepIngredients
@@ -91,11 +96,30 @@ class Inspector:
             self._ingredients = StepIngredients(bundle.folder, threads=threads)
             self._ensemble = bundle.ensemble
 
+    def close(self) -> None:
+        """Stop the loops' threads and release the backend. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for projector in self._projectors.values():
+                projector.close()
+            self._projectors.clear()
+            if self._ingredients is not None:
+                self._ingredients.close()
+            self.backend.close()
+
+    def __enter__(self) -> "Inspector":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", *, device: str | None = None,
                     method: str = "projection", fit: str | None = None, channel_order: str = "bgr",
-                    batch_size: int = 16, check_every: int | None = None, threads: int = 0,
-                    precision: str = "fp32", cuda_graphs: bool = True, loops: int | None = None,
+                    batch_size: int = 16, check_every: int | None = None, threads: int | None = None,
+                    precision: str | None = None, cuda_graphs: bool | None = None, loops: int | None = None,
                     **overrides: Any) -> "Inspector":
         """Load a bundle (``eproj export``) and pick a backend.
 
@@ -113,6 +137,12 @@ class Inspector:
                 run side by side, one thread each; a single tile uses all of them.
             loops: ONNX Runtime on the CPU: loops side by side (default ``threads``);
                 1 runs each batch as one loop whose graph uses every thread.
+            precision: "fp32" or "fp16" (ONNX Runtime's step_fp16 graph, TensorRT's fp16 engine).
+            cuda_graphs: torch and TensorRT: replay each iteration as a CUDA graph (default on).
+
+            ``threads``, ``precision``, ``cuda_graphs`` and ``loops`` left at None are not
+            given; one that the chosen backend does not take is a ConfigError, never
+            dropped ("auto" passes over the backends that do not take it).
             **overrides: projection parameters (alpha, lam, step, weighting, max_iters,
                 energy_tol, stop_threshold, adam_beta1, ...), default the bundle's.
         """
@@ -121,7 +151,7 @@ class Inspector:
         chosen, note = create_backend(bundle, backend, device, threads=threads, precision=precision,
                                       cuda_graphs=cuda_graphs, loops=loops)
         log.info("eproj runtime: %s", note)
-        return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note, threads)
+        return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note, threads or 0)
 
     def _projector(self, n: int) -> Projector | ParallelProjector:
         if n not in self._projectors:
@@ -140,6 +170,8 @@ class Inspector:
         pixels may change.
         """
         with self._lock:
+            if self._closed:
+                raise ConfigError("this Inspector is closed; load the bundle again (Inspector.from_bundle)")
             start = time.perf_counter()
             x0, layouts, mask = to_batch(frames, self.bundle.size, self.bundle.channels, self.fit,
                                          self.channel_order, known_mask)

@@ -33,6 +33,13 @@ class StepIngredients:
         self._projector: Inspector | None = None
         self._projection = projection
 
+    def close(self) -> None:
+        """Release the session and the projection's Inspector. Idempotent."""
+        if self._projector is not None:
+            self._projector.close()
+            self._projector = None
+        self.session = None
+
     def __call__(self, x0: np.ndarray, with_projection: bool = False) -> Ingredients:
         names = [o.name for o in self.session.get_outputs()]
         out = dict(zip(names, self.session.run(None, {"x": np.ascontiguousarray(x0, dtype=np.float32)})))

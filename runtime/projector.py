@@ -148,6 +148,9 @@ class Projector:
         out.timings["download"] = 1e3 * (time.perf_counter() - mapped)
         return out
 
+    def close(self) -> None:
+        """Nothing of its own to release: its buffers belong to the backend."""
+
 
 def concatenate(parts: list[BatchOutput]) -> BatchOutput:
     """One BatchOutput of the parts' tiles in order; timings are left to the caller."""
@@ -178,6 +181,10 @@ class ParallelProjector:
         self.parts = [Projector(backend, k, channels, size, config, dssim_threshold, method, check_every)
                       for k in sizes]
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eproj-loop")
+
+    def close(self) -> None:
+        """Stop the loops' threads (after the batch in flight). Idempotent."""
+        self._pool.shutdown(wait=True)
 
     def _step(self) -> None:
         """The step graph once on every part, side by side (for the benchmark's network time)."""

@@ -2,11 +2,14 @@
 ``eproj.runtime.backends.base.Backend``:
 
 - ``onnxruntime``: ONNX Runtime, CPU provider (the embedded default) or CUDA;
-- ``torch``: the exported step module on the CPU or CUDA, with CUDA graphs;
-- ``tensorrt``: TensorRT 10 engines through cuda-python, with CUDA graphs.
+- ``torch``: the bundle's ``torch.export``-ed step program on the CPU or CUDA, with CUDA graphs;
+- ``tensorrt``: TensorRT engines through cuda-python, with CUDA graphs.
 
-``create_backend(bundle, "auto")`` picks TensorRT, then torch on CUDA, then ONNX
-Runtime on the CPU, and records why it passed over the others.
+``create_backend(bundle, "auto", device)`` picks, among the backends that can run on
+``device`` and take every option given, TensorRT, then torch on CUDA, then ONNX
+Runtime (on the CPU unless ``device="cuda"``), and records why it passed over the
+others. No option is ever dropped: an option the named backend does not take is a
+``ConfigError`` naming the option and the backend.
 """
 
 from __future__ import annotations
@@ -18,73 +21,99 @@ from eproj.runtime.backends.base import Backend
 from eproj.runtime.bundle import Bundle
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+DEVICES = ("cpu", "cuda")
+# the options each backend takes besides its device
+OPTIONS = {"onnxruntime": ("threads", "precision", "loops"), "torch": ("cuda_graphs",),
+           "tensorrt": ("precision", "cuda_graphs")}
+# what "auto" tries, in order, for each device asked for (None: any)
+_AUTO_ORDER = {None: (("tensorrt", "cuda"), ("torch", "cuda"), ("onnxruntime", "cpu"), ("torch", "cpu")),
+               "cuda": (("tensorrt", "cuda"), ("torch", "cuda"), ("onnxruntime", "cuda")),
+               "cpu": (("onnxruntime", "cpu"), ("torch", "cpu"))}
 
 
-def _tensorrt_reason(bundle: Bundle) -> str:
+def _unavailable(bundle: Bundle, backend: str, device: str) -> str:
+    """Why ``backend`` on ``device`` cannot run here, found without building it ("" if it may)."""
     import importlib.util
 
-    if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed"
-    if not (bundle.folder / "step.engine").is_file():
-        return f"no step.engine in {bundle.folder} (eproj build-engine)"
+    if backend == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return "TensorRT is not installed"
+        if not (bundle.folder / "step.engine").is_file():
+            return f"no step.engine in {bundle.folder} (eproj build-engine)"
+        return ""
+    if backend == "torch":
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed"
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return "torch has no CUDA device"
+        if "torch_step" not in bundle.manifest:
+            return "the bundle carries no torch step program (export it again with this eproj)"
+        return ""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "ONNX Runtime is not installed"
     return ""
 
 
-def _torch_cuda_reason(bundle: Bundle) -> str:
-    import importlib.util
+def _refused_options(backend: str, options: dict[str, Any]) -> list[str]:
+    return [f"{name}={value!r}" for name, value in options.items() if name not in OPTIONS[backend]]
 
-    if importlib.util.find_spec("torch") is None:
-        return "torch is not installed"
-    import torch
 
-    if not torch.cuda.is_available():
-        return "torch has no CUDA device"
-    if "weights" not in bundle.manifest:
-        return "the bundle carries no weights"
-    return ""
+def _build(bundle: Bundle, backend: str, device: str | None, options: dict[str, Any]) -> Backend:
+    refused = _refused_options(backend, options)
+    if refused:
+        raise ConfigError(f"the {backend} backend does not take {', '.join(refused)} "
+                          f"(it takes: {', '.join(OPTIONS[backend]) or 'no options'}, and a device)")
+    if backend == "onnxruntime":
+        from eproj.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, device or "cpu", **options)
+    if backend == "torch":
+        from eproj.runtime.backends.torch import TorchBackend
+
+        return TorchBackend(bundle, device or "cpu", **options)
+    if device not in (None, "cuda"):
+        raise ConfigError(f"the tensorrt backend runs on cuda, not {device!r}")
+    from eproj.runtime.backends.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(bundle, **options)
 
 
 def create_backend(bundle: Bundle, backend: str = "auto", device: str | None = None,
                    **options: Any) -> tuple[Backend, str]:
-    """The backend named (or picked, for "auto") and a line saying what was chosen and why."""
+    """The backend named (or picked, for "auto") and a line saying what was chosen and why.
+
+    ``options`` whose value is None count as not given; every other one must be taken
+    by the backend (``OPTIONS``), or it is a ConfigError (for "auto": the backends that
+    do not take it are passed over).
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        passed = []
-        reason = _tensorrt_reason(bundle)
+    if device not in (None, *DEVICES):
+        raise ConfigError(f"device must be one of {DEVICES} (or None for any), got {device!r}")
+    given = {name: value for name, value in options.items() if value is not None}
+    unknown = sorted(set(given) - {name for names in OPTIONS.values() for name in names})
+    if unknown:
+        raise ConfigError(f"unknown backend option(s) {unknown}; known: "
+                          f"{sorted({n for names in OPTIONS.values() for n in names})}")
+    if backend != "auto":
+        chosen = _build(bundle, backend, device, given)
+        return chosen, f"{chosen.describe()}, as asked"
+    passed = []
+    for name, where in _AUTO_ORDER[device]:
+        label = f"{name} on {where}"
+        refused = _refused_options(name, given)
+        reason = f"does not take {', '.join(refused)}" if refused else _unavailable(bundle, name, where)
         if not reason:
             try:
-                picked = create_backend(bundle, "tensorrt", **options)[0]
-                return picked, "auto: picked tensorrt"
-            except Exception as error:  # a broken GPU setup must not stop the CPU fallback
+                chosen = _build(bundle, name, where, given)
+            except Exception as error:  # a broken GPU setup must not stop the fallbacks
                 reason = f"{type(error).__name__}: {error}"
-        passed.append(f"tensorrt ({reason})")
-        reason = _torch_cuda_reason(bundle)
-        if not reason:
-            try:
-                picked = create_backend(bundle, "torch", "cuda", **options)[0]
-                return picked, f"auto: picked torch on CUDA; passed over {'; '.join(passed)}"
-            except Exception as error:
-                reason = f"{type(error).__name__}: {error}"
-        passed.append(f"torch-cuda ({reason})")
-        picked = create_backend(bundle, "onnxruntime", "cpu", **options)[0]
-        return picked, f"auto: picked onnxruntime on the CPU; passed over {'; '.join(passed)}"
-    chosen: Backend
-    if backend == "onnxruntime":
-        from eproj.runtime.backends.onnxruntime import OnnxRuntimeBackend
-
-        allowed = {k: v for k, v in options.items() if k in ("threads", "precision", "loops")}
-        chosen = OnnxRuntimeBackend(bundle, device or "cpu", **allowed)
-    elif backend == "torch":
-        from eproj.runtime.backends.torch import TorchBackend
-
-        allowed = {k: v for k, v in options.items() if k in ("cuda_graphs",)}
-        chosen = TorchBackend(bundle, device or "cpu", **allowed)
-    else:
-        if device not in (None, "cuda"):
-            raise ConfigError(f"the tensorrt backend runs on cuda, not {device!r}")
-        from eproj.runtime.backends.tensorrt import TensorRTBackend
-
-        allowed = {k: v for k, v in options.items() if k in ("precision", "cuda_graphs")}
-        chosen = TensorRTBackend(bundle, **allowed)
-    return chosen, f"{chosen.describe()}, as asked"
+            else:
+                note = f"auto: picked {label}" + (f"; passed over {'; '.join(passed)}" if passed else "")
+                return chosen, note
+        passed.append(f"{label} ({reason})")
+    asked = f" on {device}" if device else ""
+    raise ConfigError(f"no backend can run this bundle{asked} here: {'; '.join(passed)}")

@@ -75,5 +75,9 @@ class Backend(ABC):
         ``workers`` = 1 return themselves."""
         return self
 
+    def close(self) -> None:
+        """Release what the backend holds (sessions, device memory, streams, graphs).
+        Idempotent; the backend is unusable afterwards. Nothing to release by default."""
+
     def describe(self) -> str:
         return f"{self.name} ({self.device})"

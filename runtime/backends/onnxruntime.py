@@ -24,13 +24,15 @@ from eproj.runtime.bundle import Bundle
 
 
 class _OrtCudaArray:
-    """A device buffer allocated by ONNX Runtime, readable by the kernels as a CUDA array."""
+    """A device buffer allocated by ONNX Runtime, readable by the kernels as a CUDA array;
+    ``dtype`` its NumPy dtype (known here, so an upload never reads the buffer back)."""
 
-    def __init__(self, value: Any, shape: tuple[int, ...], typestr: str):
+    def __init__(self, value: Any, shape: tuple[int, ...], dtype: str):
         self.value = value
         self.shape = shape
-        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (value.data_ptr(), False),
-                                         "strides": None, "version": 3}
+        self.dtype = np.dtype(dtype)
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": _TYPESTRS[dtype],
+                                         "data": (value.data_ptr(), False), "strides": None, "version": 3}
 
 
 _TYPESTRS = {"float32": "<f4", "uint8": "|u1", "int32": "<i4"}
@@ -58,6 +60,9 @@ class OnnxRuntimeBackend(Backend):
                               "(or onnxruntime-gpu for CUDA)") from None
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"onnxruntime device must be cpu or cuda, got {device!r}")
+        if device == "cuda" and loops is not None:
+            raise ConfigError(f"loops={loops!r} splits batches across CPU loops; the onnxruntime backend "
+                              "on cuda runs one loop")
         provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
         if provider not in ort.get_available_providers():
             raise ConfigError(f"ONNX Runtime here has no {provider} (available: {ort.get_available_providers()}); "
@@ -92,13 +97,13 @@ class OnnxRuntimeBackend(Backend):
         if self.device == "cpu":
             return np.empty(shape, dtype=dtype)
         value = self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, "cuda", 0)
-        return _OrtCudaArray(value, tuple(shape), _TYPESTRS[dtype])
+        return _OrtCudaArray(value, tuple(shape), dtype)
 
     def upload(self, dst: Any, host: np.ndarray) -> None:
         if self.device == "cpu":
             dst[...] = host
         else:
-            dst.value.update_inplace(np.ascontiguousarray(host, dtype=dst.value.numpy().dtype))
+            dst.value.update_inplace(np.ascontiguousarray(host, dtype=dst.dtype))
 
     def download(self, src: Any) -> np.ndarray:
         if self.device == "cpu":
@@ -134,6 +139,13 @@ class OnnxRuntimeBackend(Backend):
 
         step.buffers = keep  # type: ignore[attr-defined]  # keep the bound memory alive with the call
         return step
+
+    def close(self) -> None:
+        """Release the sessions (and the one-thread sessions of the loops side by side)."""
+        if self._serial is not None:
+            self._serial.close()
+            self._serial = None
+        self.session = None
 
     def describe(self) -> str:
         if self.device == "cuda":

@@ -1,7 +1,9 @@
-"""PyTorch: the exported step module (eproj.export.step, forward operators only,
-no autograd) on the CPU or on CUDA. On CUDA every iteration (step module, stop
-check, update) is captured in one CUDA graph after a warm-up and replayed; if
-capture fails, it falls back to plain launches and says so."""
+"""PyTorch: the bundle's step program (``step.pt2``, the step graph exported with
+``torch.export``: forward operators only, no autograd, weights included) on the
+CPU or on CUDA. It needs torch alone, not eproj's training or export code, and the
+file is hash-checked with the rest of the bundle. On CUDA every iteration (step
+program, stop check, update) is captured in one CUDA graph after a warm-up and
+replayed; if capture fails, it falls back to plain launches and says so."""
 
 from __future__ import annotations
 
@@ -11,15 +13,44 @@ from typing import Any
 
 import numpy as np
 
+from eproj.bundle import BundleError
 from eproj.errors import ConfigError
 from eproj.runtime.backends.base import Backend
 from eproj.runtime.bundle import Bundle
 
 
+def load_step_program(bundle: Bundle, device: str) -> Any:
+    """The bundle's step program as a callable module on ``device`` (any torch device:
+    "cpu", "cuda", "meta", ...): x (N, C, S, S) -> reconstruction, loss, grad (and kl,
+    kl_grad for the variational families)."""
+    import torch
+    from torch.export.passes import move_to_device_pass
+
+    entry = bundle.manifest.get("torch_step")
+    if entry is None:
+        raise BundleError(f"{bundle.folder} carries no torch step program (step.pt2), which the torch backend "
+                          "runs; export the bundle again with this eproj")
+    path = bundle.folder / entry["file"]
+    try:
+        program = torch.export.load(str(path))
+    except Exception as error:  # a program of another torch version, or a damaged file
+        raise BundleError(f"{path} (exported with torch {entry.get('torch', '?')}) does not load in torch "
+                          f"{torch.__version__}: {type(error).__name__}: {error}. Export the bundle again "
+                          "with this torch") from None
+    if torch.device(device) != torch.device("cpu"):
+        program = move_to_device_pass(program, device)
+    module = program.module()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", cuda_graphs: bool = True):
+    def __init__(self, bundle: Bundle, device: str = "cpu", cuda_graphs: bool | None = None):
+        """``cuda_graphs``: on cuda, replay each iteration as a CUDA graph (default on);
+        refused on the CPU, which has nothing to capture."""
         super().__init__(bundle)
         try:
             import torch
@@ -29,17 +60,15 @@ class TorchBackend(Backend):
             raise ConfigError(f"torch device must be cpu or cuda, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("torch has no CUDA here (a CPU build, or no GPU)")
-        from eproj.export.step import StepModule
-        from eproj.train.checkpoint import load_model
-
+        if device == "cpu" and cuda_graphs is not None:
+            raise ConfigError(f"cuda_graphs={cuda_graphs!r} applies to the torch backend on cuda, not on the cpu")
         self._torch = torch
         self.device = device
-        self.cuda_graphs = cuda_graphs and device == "cuda"
+        self.cuda_graphs = device == "cuda" and cuda_graphs is not False
         self.captured = False
         self.kernel_threads = 1  # torch's OpenMP threads spin between ops, like ONNX Runtime's
-        self.module = StepModule(load_model(bundle.weights_path).model).to(device).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+        self.module = load_step_program(bundle, device)
+        self._graph: Any = None
         if device == "cuda":
             self._stream = torch.cuda.Stream()
             self.stream = self._stream.cuda_stream
@@ -93,6 +122,7 @@ class TorchBackend(Backend):
                           stacklevel=2)
             return iteration
         self.captured = True
+        self._graph = graph
 
         def replay() -> None:
             with self._on_stream():
@@ -100,6 +130,14 @@ class TorchBackend(Backend):
 
         replay.graph = graph  # type: ignore[attr-defined]
         return replay
+
+    def close(self) -> None:
+        """Release the captured graph, the program's weights and the stream. Idempotent."""
+        self._graph = None
+        self.module = None
+        if self.device == "cuda" and getattr(self, "_stream", None) is not None:
+            self._stream.synchronize()
+            self._stream = None
 
     def describe(self) -> str:
         graphs = ", CUDA graphs" if self.cuda_graphs else ""

@@ -83,7 +83,8 @@ def test_manifest_round_trip(bundles):
     manifest = load_manifest(folder)
     assert manifest["family"] == "gvae" and manifest["input"]["size"] == 32
     assert manifest["stop_threshold"] == pytest.approx(trained.stop_threshold)
-    assert set(manifest["files"]) == set(GRAPHS) | {"model.pt"}
+    assert set(manifest["files"]) == set(GRAPHS) | {"model.pt", "step.pt2"}
+    assert manifest["torch_step"]["file"] == "step.pt2" and manifest["torch_step"]["torch"] == torch.__version__
     assert manifest["weights"]["file"] == "model.pt" and manifest["input"]["fit"] in ("tile", "resize")
     from eproj.train.checkpoint import load_model
 

@@ -130,8 +130,65 @@ def test_auto_picks_and_says_why(bundles):
     import torch
 
     if not torch.cuda.is_available():
-        assert inspector.backend.name == "onnxruntime"
-        assert "passed over tensorrt" in inspector.backend_note and "torch-cuda" in inspector.backend_note
+        assert inspector.backend.name == "onnxruntime" and inspector.backend.device == "cpu"
+        note = inspector.backend_note
+        assert note.startswith("auto: picked onnxruntime on cpu; passed over tensorrt on cuda (")
+        assert "torch on cuda (torch has no CUDA device)" in note
+
+
+def test_auto_honours_the_device(bundles):
+    """--device cpu never picks a GPU backend; --device cuda never falls back to the CPU."""
+    import torch
+
+    folder = bundles["l2ae"][1]
+    on_cpu = Inspector.from_bundle(folder, device="cpu", fit="none")
+    assert (on_cpu.backend.name, on_cpu.backend.device) == ("onnxruntime", "cpu")
+    assert on_cpu.backend_note == "auto: picked onnxruntime on cpu"  # nothing on cuda was even tried
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"no backend can run this bundle on cuda here: tensorrt on cuda "
+                                              r"\(.*\); torch on cuda \(torch has no CUDA device\); "
+                                              r"onnxruntime on cuda \(.*CUDAExecutionProvider"):
+            Inspector.from_bundle(folder, device="cuda")
+    with pytest.raises(ConfigError, match="device must be one of"):
+        Inspector.from_bundle(folder, device="gpu")
+
+
+@pytest.mark.parametrize("backend,options,message", [
+    ("torch", dict(precision="fp16"), r"the torch backend does not take precision='fp16' \(it takes: cuda_graphs"),
+    ("torch", dict(threads=2), r"the torch backend does not take threads=2"),
+    ("torch", dict(loops=1), r"the torch backend does not take loops=1"),
+    ("torch", dict(cuda_graphs=True), r"cuda_graphs=True applies to the torch backend on cuda, not on the cpu"),
+    ("onnxruntime", dict(cuda_graphs=False), r"the onnxruntime backend does not take cuda_graphs=False"),
+    ("tensorrt", dict(threads=4), r"the tensorrt backend does not take threads=4"),
+    ("tensorrt", dict(loops=2, threads=1), r"does not take threads=1, loops=2"),
+])
+def test_an_option_the_backend_does_not_take_is_refused(bundles, backend, options, message):
+    with pytest.raises(ConfigError, match=message):
+        Inspector.from_bundle(bundles["l2ae"][1], backend=backend, fit="none", **options)
+
+
+def test_auto_passes_over_backends_that_do_not_take_an_option(bundles):
+    inspector = Inspector.from_bundle(bundles["l2ae"][1], fit="none", loops=1)
+    assert inspector.backend.name == "onnxruntime"
+    assert "tensorrt on cuda (does not take loops=1)" in inspector.backend_note
+    assert "torch on cuda (does not take loops=1)" in inspector.backend_note
+    with pytest.raises(ConfigError, match=r"no backend can run this bundle on cuda here: .*onnxruntime on cuda "
+                                          r"\(does not take loops=1|onnxruntime on cuda .*loops=1"):
+        Inspector.from_bundle(bundles["l2ae"][1], device="cuda", loops=1)
+
+
+def test_close_releases_and_refuses_later_calls(bundles):
+    frames = [_frame(i) for i in range(3)]
+    with Inspector.from_bundle(bundles["l2ae"][1], backend="onnxruntime", threads=2, max_iters=2,
+                               fit="none") as inspector:
+        inspector(frames)
+        pools = [p._pool for p in inspector._projectors.values() if hasattr(p, "_pool")]
+        assert pools, "a batch of 3 tiles on 2 threads runs as loops side by side"
+    assert all(pool._shutdown for pool in pools)
+    assert inspector.backend.session is None
+    with pytest.raises(ConfigError, match="this Inspector is closed"):
+        inspector(frames)
+    inspector.close()  # idempotent
 
 
 def test_threads_share_an_inspector_in_turn(inspector):
