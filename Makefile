@@ -16,8 +16,6 @@ KERNEL_SOURCES := $(wildcard cpp_ext/CMakeLists.txt cpp_ext/*.cpp cpp_ext/*.in c
 $(STAMP): pyproject.toml CMakeLists.txt $(KERNEL_SOURCES) | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
-	# type stubs for the TensorRT builder; --no-deps because TensorRT itself cannot be installed everywhere
-	$(VENV)/bin/python -m pip install --quiet --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $@
 
 install: $(STAMP)

@@ -6,6 +6,12 @@ input (size, channels, layout, value range), the Lr definition, the stop and
 segmentation thresholds from training, the default projection parameters, the
 opset, the eproj version and the SHA-256 of every file. ``load_manifest``
 refuses a bundle whose schema version, hashes or shapes do not match, and says which.
+
+TensorRT engines are built after export, on the target machine: ``record_engine``
+adds each to the manifest's ``engines`` section, apart from ``files`` (which
+``load_manifest`` verifies on every load); the runtime checks an engine's record when
+it loads the engine (``eproj.engines.verify_engine``). Exporting again removes the
+engines (``remove_engines``): they were built from the graphs being replaced.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from eproj.files import write_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+ENGINES = "engines"  # the manifest section of the TensorRT engines, written by `eproj build-engine`
+ENGINE_SUFFIX = ".engine"
 REQUIRED_KEYS = ("schema_version", "eproj_version", "family", "input", "lr_definition", "stop_threshold",
                  "segmentation", "projection", "opset", "files", "graphs")
 
@@ -37,10 +45,10 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Hash every file named in ``manifest['graphs']`` (and ``['weights']``) and write ``manifest.json`` atomically."""
+    """Hash every file named in ``manifest["graphs"]`` (and ``weights``, ``ensemble``, ``torch_step``) and write ``manifest.json`` atomically."""
     files = {}
     named = {g["file"] for g in manifest["graphs"].values()}
-    for extra in ("weights", "ensemble"):
+    for extra in ("weights", "ensemble", "torch_step"):
         if extra in manifest:
             named.add(manifest[extra]["file"])
     for name in sorted(named):
@@ -100,3 +108,27 @@ def _check_shapes(manifest: dict[str, Any], path: Path) -> None:
         if shape != expected:
             raise BundleError(f"{path}: the {what} has shape {shape}; the manifest's input "
                               f"(size {size}, {channels} channel(s)) means {expected}")
+
+
+def record_engine(folder: Path, graph: str, engine: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Record ``graph``'s engine file ``engine`` in ``folder``'s manifest; returns the record written.
+
+    ``record`` says what the engine was built from and for (see ``eproj.engines``); the
+    engine's SHA-256 and size are added here. The manifest is rewritten atomically.
+    """
+    path = folder / MANIFEST
+    manifest = json.loads(path.read_text())
+    entry = {"file": engine.name, "sha256": sha256(engine), "bytes": engine.stat().st_size, **record}
+    manifest.setdefault(ENGINES, {})[graph] = entry
+    write_atomic(path, json.dumps(manifest, indent=2).encode())
+    return entry
+
+
+def remove_engines(folder: Path) -> list[Path]:
+    """Delete the TensorRT engines in bundle ``folder`` (``*.engine``, and the ``*.engine.json``
+    records of older eproj versions) before its graphs are exported again; returns what was removed.
+    The new manifest has no ``engines`` section until ``eproj build-engine`` runs again."""
+    stale = sorted(folder.glob("*" + ENGINE_SUFFIX)) + sorted(folder.glob("*" + ENGINE_SUFFIX + ".json"))
+    for path in stale:
+        path.unlink()
+    return stale

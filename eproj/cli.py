@@ -166,7 +166,7 @@ def _cmd_build_engine(args: argparse.Namespace) -> int:
     from eproj.export.tensorrt import build_engines
 
     for path in build_engines(args.bundle, fp16=args.fp16, min_batch=args.min_batch, opt_batch=args.opt_batch,
-                              max_batch=args.max_batch, workspace_mb=args.workspace_mb):
+                              max_batch=args.max_batch, workspace_mb=args.workspace_mb, tf32=args.tf32):
         print(f"wrote {path}")
     return 0
 
@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-batch", type=_positive_int, default=8)
     p.add_argument("--max-batch", type=_positive_int, default=32)
     p.add_argument("--workspace-mb", type=_positive_int, default=1024)
+    p.add_argument("--tf32", action="store_true", help="let fp32 engines use TF32 (off: they match ONNX Runtime)")
     p.set_defaults(func=_cmd_build_engine)
 
     p = sub.add_parser("run", help="inspect frames from a camera, video, folder or glob with a bundle")

@@ -154,6 +154,8 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         trained = load_model(trained)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from eproj.bundle import remove_engines  # engines built from the graphs replaced here are stale
+    remove_engines(out)
     model = trained.model.float().eval()
     cfg = model.config
     x = torch.rand(2, cfg.channels, cfg.size, cfg.size)

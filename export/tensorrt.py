@@ -1,11 +1,22 @@
-"""TensorRT engines built from a bundle's ONNX graphs (TensorRT 10 Python API).
+"""TensorRT engines built from a bundle's ONNX graphs, with one code path for TensorRT 10 and 11.
 
-``build_engines`` parses ``step.onnx``, ``encoder.onnx`` and ``decoder.onnx``
-(reporting every parser error), builds each with one optimization profile over
-the batch range and a workspace limit, keeps a timing cache in the bundle, and
-saves ``<graph>.engine`` with ``<graph>.engine.json`` beside it: the TensorRT
-version and the GPU's name and compute capability. ``load_engine`` refuses an
-engine built for another TensorRT version or GPU, saying to rebuild.
+TensorRT 11 removed weakly typed networks (``BuilderFlag.FP16``, ``INT8``, precision
+constraints); TensorRT 10.3 (JetPack 6) has both. Every engine here is built from a
+strongly typed network, so the graph's own types decide each layer's precision:
+
+- ``build_engines(bundle)`` builds ``step``, ``encoder`` and ``decoder`` engines from the
+  fp32 graphs, with TF32 off (``BuilderFlag.TF32`` cleared) so they compute what ONNX
+  Runtime computes; ``tf32=True`` allows TF32 tensor cores instead;
+- ``build_engines(bundle, fp16=True)`` builds ``step_fp16.engine``, the engine the runtime's
+  ``precision="fp16"`` loads, from the mixed-precision ``step_fp16.onnx`` of
+  ``eproj export --fp16`` (its loss terms stay fp32, as exported).
+
+Each graph is parsed with all parser errors reported (the parser lives until the
+engine is built), built with one optimization profile over the batch range and a
+workspace limit, with a timing cache kept in the bundle, and recorded in the
+bundle's manifest (``eproj.bundle.record_engine``): its hash, its graph's hash, the
+TensorRT version, the GPU, the batch range and the precision. The runtime refuses an
+engine whose record does not match (``eproj.engines.verify_engine``).
 
 ``tensorrt`` and ``cuda-python`` are imported when first used; without them the
 command says what to install.
@@ -13,137 +24,109 @@ command says what to install.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eproj.bundle import load_manifest
-from eproj.errors import EprojError
+from eproj.bundle import load_manifest, record_engine
+from eproj.engines import (ENGINE_INPUTS, FP16_GRAPHS, FP32_GRAPHS, EngineError, current_target, engine_file,
+                           require_tensorrt)
 from eproj.files import write_atomic
 
 if TYPE_CHECKING:
     import tensorrt
 
-ENGINE_GRAPHS = {"step": "x", "encoder": "x", "decoder": "z"}  # graph -> its batched input
 TIMING_CACHE = "timing.cache"
 
 
-class EngineError(EprojError):
-    """TensorRT is missing, a graph does not parse or build, or an engine does not fit this machine."""
+def check_batch_range(min_batch: int, opt_batch: int, max_batch: int) -> None:
+    """EngineError unless 1 <= min_batch <= opt_batch <= max_batch."""
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise EngineError(f"batch range must satisfy 1 <= min <= opt <= max, got "
+                          f"{min_batch}, {opt_batch}, {max_batch}")
 
 
-@dataclass(frozen=True)
-class EngineTarget:
-    """What an engine is tied to: rebuild when any of it differs."""
+def strongly_typed_flags() -> int:
+    """``create_network``'s flags: strongly typed (TensorRT 11 ignores the flag: it is always so)."""
+    import tensorrt as trt
 
-    tensorrt: str
-    gpu: str
-    compute_capability: str
-
-
-def require_tensorrt() -> str:
-    """TensorRT's version; EngineError if it is missing (a stub-only package does not count)."""
-    try:
-        import tensorrt
-    except ImportError:
-        found = None
-    else:
-        found = tensorrt if hasattr(tensorrt, "Builder") else None
-    if found is None:
-        raise EngineError("TensorRT is not installed: `pip install tensorrt` (TensorRT 10, on a machine "
-                          "with an NVIDIA GPU), or use the onnxruntime or torch backends")
-    return str(found.__version__)
-
-
-def current_target(trt_version: str) -> EngineTarget:
-    """The TensorRT version given and the name and compute capability of CUDA device 0."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError as exc:
-        raise EngineError("cuda-python is not installed: `pip install cuda-python`") from exc
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise EngineError(f"no usable CUDA device: cudaGetDeviceProperties returned {err}")
-    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return EngineTarget(trt_version, name.rstrip("\x00"), f"{props.major}.{props.minor}")
-
-
-def check_target(engine: Path, recorded: dict[str, Any], current: EngineTarget) -> None:
-    """Raise EngineError naming what differs between an engine's record and this machine."""
-    wanted = asdict(current)
-    differences = [f"{key} {recorded.get(key)!r} (here {value!r})" for key, value in wanted.items()
-                   if recorded.get(key) != value]
-    if differences:
-        raise EngineError(f"{engine} was built for another setup: {', '.join(differences)}. "
-                          f"Rebuild it with `eproj build-engine {engine.parent}`")
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def _parse(logger: "tensorrt.ILogger", builder: "tensorrt.Builder",
-           onnx_path: Path) -> "tensorrt.INetworkDefinition":
+           onnx_path: Path) -> "tuple[tensorrt.INetworkDefinition, tensorrt.OnnxParser]":
+    """The strongly typed network of ``onnx_path`` and its parser, which must outlive the build:
+    the network refers to weights the parser owns."""
     import tensorrt as trt
 
-    network = builder.create_network(0)
+    network = builder.create_network(strongly_typed_flags())
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineError(f"TensorRT cannot parse {onnx_path}:\n  " + "\n  ".join(errors))
-    return network
+    return network, parser
+
+
+def _config(builder: "tensorrt.Builder", input_name: str, per_sample: tuple[int, ...], batch: dict[str, int],
+            workspace_mb: int, tf32: bool, timing_cache: bytes) -> "tensorrt.IBuilderConfig":
+    """The builder config: workspace limit, TF32 as asked, the timing cache, one batch profile."""
+    import tensorrt as trt
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    if tf32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    config.set_timing_cache(config.create_timing_cache(timing_cache), ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, trt.Dims([batch["min"], *per_sample]), trt.Dims([batch["opt"], *per_sample]),
+                      trt.Dims([batch["max"], *per_sample]))
+    config.add_optimization_profile(profile)
+    return config
 
 
 def build_engines(bundle: str | Path, fp16: bool = False, min_batch: int = 1, opt_batch: int = 8,
-                  max_batch: int = 32, workspace_mb: int = 1024) -> list[Path]:
-    """Build and save one engine per graph in ``ENGINE_GRAPHS``; returns the engine paths."""
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise EngineError(f"batch range must satisfy 1 <= min <= opt <= max, got "
-                          f"{min_batch}, {opt_batch}, {max_batch}")
+                  max_batch: int = 32, workspace_mb: int = 1024, tf32: bool = False) -> list[Path]:
+    """Build, save and record the bundle's engines; returns their paths.
+
+    fp32 (default): ``step.engine``, ``encoder.engine``, ``decoder.engine``, TF32 off
+    unless ``tf32``. ``fp16``: ``step_fp16.engine`` from ``step_fp16.onnx``; an
+    EngineError if the bundle was exported without ``--fp16``. Batches of
+    ``min_batch``..``max_batch`` images, tuned for ``opt_batch``.
+    """
+    check_batch_range(min_batch, opt_batch, max_batch)
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
+    graphs = FP16_GRAPHS if fp16 else FP32_GRAPHS  # the fp32 graphs are in every bundle (load_manifest checks)
+    if fp16 and "step_fp16" not in manifest["graphs"]:
+        raise EngineError(f"{bundle} has no step_fp16 graph, which the fp16 engine is built from (the fp16 "
+                          f"engine keeps the graph's mixed precision); export the bundle with "
+                          f"`eproj export RUN --out {bundle} --fp16`")
     target = current_target(require_tensorrt())
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     cache_path = bundle / TIMING_CACHE
+    batch = {"min": min_batch, "opt": opt_batch, "max": max_batch}
     written = []
-    for graph, input_name in ENGINE_GRAPHS.items():
-        entry = manifest["graphs"][graph]
-        network = _parse(logger, builder, bundle / entry["file"])
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-        if fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        profile = builder.create_optimization_profile()
+    for graph in graphs:
+        entry, input_name = manifest["graphs"][graph], ENGINE_INPUTS[graph]
+        network, parser = _parse(logger, builder, bundle / entry["file"])
         per_sample = tuple(int(d) for d in entry["inputs"][input_name][1:])
-        profile.set_shape(input_name, trt.Dims([min_batch, *per_sample]), trt.Dims([opt_batch, *per_sample]),
-                          trt.Dims([max_batch, *per_sample]))
-        config.add_optimization_profile(profile)
+        config = _config(builder, input_name, per_sample, batch, workspace_mb, tf32,
+                         cache_path.read_bytes() if cache_path.is_file() else b"")
         serialized = builder.build_serialized_network(network, config)
+        del parser  # the network's weights belong to the parser: only now may it go
         if serialized is None:
             raise EngineError(f"TensorRT could not build an engine from {entry['file']} (see its log above)")
-        engine_path = bundle / f"{graph}.engine"
+        engine_path = bundle / engine_file(graph)
         write_atomic(engine_path, bytes(serialized))
-        record = {**asdict(target), "graph": entry["file"], "fp16": fp16,
-                  "batch": {"min": min_batch, "opt": opt_batch, "max": max_batch}, "workspace_mb": workspace_mb}
-        write_atomic(engine_path.with_name(engine_path.name + ".json"), json.dumps(record, indent=2).encode())
         write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        record: dict[str, Any] = {"graph": entry["file"], "graph_sha256": manifest["files"][entry["file"]]["sha256"],
+                                  "precision": "fp16" if fp16 else "fp32", "tf32": tf32, "input": input_name,
+                                  "batch": batch, "workspace_mb": workspace_mb, **asdict(target)}
+        record_engine(bundle, graph, engine_path, record)
         written.append(engine_path)
     return written
-
-
-def load_engine(path: str | Path) -> "tensorrt.ICudaEngine":
-    """Deserialize an engine after checking it was built for this TensorRT version and GPU."""
-    path = Path(path)
-    record_path = path.with_name(path.name + ".json")
-    if not path.is_file() or not record_path.is_file():
-        raise EngineError(f"{path} or its record {record_path.name} is missing; run `eproj build-engine`")
-    check_target(path, json.loads(record_path.read_text()), current_target(require_tensorrt()))
-    import tensorrt as trt
-
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
-    if engine is None:
-        raise EngineError(f"TensorRT could not load {path}; rebuild it with `eproj build-engine {path.parent}`")
-    return engine
-
