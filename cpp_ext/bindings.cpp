@@ -19,6 +19,9 @@
 #if defined(EPROJ_WITH_CUDA)
 #include <cuda_runtime.h>
 #endif
+#if defined(EPROJ_CUDA_SIM)
+#include "sim_bindings.h"  // the same bindings over the simulated device (cpp_ext/sim), for the tests
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -33,28 +36,32 @@ T* pointer_at(const nb::dict& pointers, const char* name) {
   return reinterpret_cast<T*>(nb::cast<std::uintptr_t>(value));
 }
 
+// A pointer the kernel reads or writes. Null is accepted for an empty array
+// (`elements` 0): CUDA allocators (torch's, cudaMalloc) give zero bytes no
+// address, and the kernels return before touching an empty batch.
 template <typename T>
-T* required(const nb::dict& pointers, const char* name) {
+T* required(const nb::dict& pointers, const char* name, std::int64_t elements) {
   T* p = pointer_at<T>(pointers, name);
-  if (p == nullptr) throw std::logic_error(std::string("eproj kernels: pointer '") + name + "' missing");
+  if (p == nullptr && elements != 0)
+    throw std::logic_error(std::string("eproj kernels: pointer '") + name + "' missing");
   return p;
 }
 
 eproj::UpdateBuffers update_buffers(const nb::dict& ptr, std::int64_t n, std::int64_t c, std::int64_t h,
                                     std::int64_t w, std::int64_t mask_channels) {
   eproj::UpdateBuffers b{};
-  b.x = required<float>(ptr, "x");
-  b.x0 = required<const float>(ptr, "x0");
-  b.reconstruction = required<const float>(ptr, "reconstruction");
-  b.grad = required<const float>(ptr, "grad_lr");
+  b.x = required<float>(ptr, "x", n * c * h * w);
+  b.x0 = required<const float>(ptr, "x0", n * c * h * w);
+  b.reconstruction = required<const float>(ptr, "reconstruction", n * c * h * w);
+  b.grad = required<const float>(ptr, "grad_lr", n * c * h * w);
   b.mask = pointer_at<const float>(ptr, "mask");
   b.m = pointer_at<float>(ptr, "m");
   b.v = pointer_at<float>(ptr, "v");
-  b.loss = required<const float>(ptr, "loss");
-  b.active = required<const std::uint8_t>(ptr, "active");
-  b.iterations = required<std::int32_t>(ptr, "iterations");
-  b.distance = required<float>(ptr, "distance");
-  b.energy = required<float>(ptr, "energy");
+  b.loss = required<const float>(ptr, "loss", n);
+  b.active = required<const std::uint8_t>(ptr, "active", n);
+  b.iterations = required<std::int32_t>(ptr, "iterations", n);
+  b.distance = required<float>(ptr, "distance", n);
+  b.energy = required<float>(ptr, "energy", n);
   b.n = n;
   b.c = c;
   b.h = h;
@@ -81,8 +88,10 @@ eproj::UpdateParams update_params(double alpha, double lam, int weighting, int s
 }
 
 void check_update(const eproj::UpdateParams& p, const eproj::UpdateBuffers& b) {
-  if (p.weighting == eproj::kMask && b.mask == nullptr) throw std::logic_error("eproj kernels: mask weighting without mask");
-  if (p.step == eproj::kAdam && (b.m == nullptr || b.v == nullptr))
+  const bool empty = b.n * b.c * b.h * b.w == 0;  // no buffer is touched; the CUDA ones may be null
+  if (p.weighting == eproj::kMask && b.mask == nullptr && !empty)
+    throw std::logic_error("eproj kernels: mask weighting without mask");
+  if (p.step == eproj::kAdam && (b.m == nullptr || b.v == nullptr) && !empty)
     throw std::logic_error("eproj kernels: adam step without moment buffers");
   if (p.weighting < 0 || p.weighting > 2 || p.step < 0 || p.step > 1)
     throw std::logic_error("eproj kernels: weighting or step out of range");
@@ -91,9 +100,9 @@ void check_update(const eproj::UpdateParams& p, const eproj::UpdateBuffers& b) {
 eproj::DssimBuffers dssim_buffers(const nb::dict& ptr, std::int64_t n, std::int64_t c, std::int64_t h,
                                   std::int64_t w) {
   eproj::DssimBuffers b{};
-  b.x = required<const float>(ptr, "x");
-  b.y = required<const float>(ptr, "y");
-  b.out = required<float>(ptr, "out");
+  b.x = required<const float>(ptr, "x", n * c * h * w);
+  b.y = required<const float>(ptr, "y", n * c * h * w);
+  b.out = required<float>(ptr, "out", n * h * w);
   b.mask = pointer_at<std::uint8_t>(ptr, "mask");
   b.max = pointer_at<float>(ptr, "max");
   b.mean = pointer_at<float>(ptr, "mean");
@@ -143,7 +152,11 @@ nb::dict build_info() {
 #endif
   info["cpu_threads"] = eproj::cpu_threads();
   info["cpu_avx2"] = eproj::cpu_uses_avx2();
-#if defined(EPROJ_WITH_CUDA)
+#if defined(EPROJ_CUDA_SIM)
+  info["cuda"] = true;
+  info["cuda_version"] = "simulated";
+  info["cuda_architectures"] = "simulated";
+#elif defined(EPROJ_WITH_CUDA)
   info["cuda"] = true;
   info["cuda_version"] = EPROJ_CUDA_VERSION;
   info["cuda_architectures"] = EPROJ_CUDA_ARCHITECTURES;
@@ -219,8 +232,19 @@ bool on_cuda(const std::string& device) {
 
 }  // namespace
 
-NB_MODULE(_kernels, m) {
+#if defined(EPROJ_CUDA_SIM)
+#define EPROJ_MODULE(m) NB_MODULE(_kernels_sim, m)
+#else
+#define EPROJ_MODULE(m) NB_MODULE(_kernels, m)
+#endif
+
+EPROJ_MODULE(m) {
+#if defined(EPROJ_CUDA_SIM)
+  m.doc() = "eproj's kernels with the CUDA ones on a simulated device (cpp_ext/sim); test infrastructure.";
+  eproj::sim::add_sim_bindings(m);
+#else
   m.doc() = "eproj C++/CUDA kernels; use eproj.cpp_ext, which validates arguments.";
+#endif
 
   m.def("build_info", &build_info, "What this build contains: compiler, OpenMP, CUDA version and architectures.");
 
@@ -267,14 +291,14 @@ NB_MODULE(_kernels, m) {
             p.threshold = static_cast<float>(threshold);
             p.energy_tol = static_cast<float>(energy_tol);
             eproj::StopBuffers b{};
-            b.loss = required<const float>(pointers, "loss");
-            b.distance = required<const float>(pointers, "distance");
-            b.iterations = required<const std::int32_t>(pointers, "iterations");
-            b.active = required<std::uint8_t>(pointers, "active");
-            b.previous = required<float>(pointers, "previous");
-            b.reason = required<std::int32_t>(pointers, "reason");
-            b.final_loss = required<float>(pointers, "final_loss");
-            b.final_energy = required<float>(pointers, "final_energy");
+            b.loss = required<const float>(pointers, "loss", n);
+            b.distance = required<const float>(pointers, "distance", n);
+            b.iterations = required<const std::int32_t>(pointers, "iterations", n);
+            b.active = required<std::uint8_t>(pointers, "active", n);
+            b.previous = required<float>(pointers, "previous", n);
+            b.reason = required<std::int32_t>(pointers, "reason", n);
+            b.final_loss = required<float>(pointers, "final_loss", n);
+            b.final_energy = required<float>(pointers, "final_energy", n);
             b.n = n;
             new (self) StopCall{on_cuda(device), p, b, stream, device_id};
           },

@@ -1,9 +1,12 @@
 """Shared fixtures: tiny models, small data folders in the MVTec AD layout, and
-the `device` parameter: one test body runs on "cpu" (NumPy arrays) and on "cuda"
-(torch CUDA tensors; skipped where no GPU can run the CUDA kernels)."""
+the `device` parameter: one test body runs on "cpu" (NumPy arrays), on "cuda"
+(torch CUDA tensors; skipped where no GPU can run the CUDA kernels) and on "sim"
+(the CUDA kernels on the simulated device of cpp_ext/sim, with arrays in its
+device memory; skipped where eproj was built without EPROJ_CUDA_SIM=ON)."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import cv2
@@ -105,38 +108,103 @@ def _cuda_skip_reason() -> str:
     return ""
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def device(request) -> str:
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda_sim: runs the CUDA kernels on the simulated device (cpp_ext/sim)")
+
+
+def _simulated_kernels():
+    """eproj.cpp_ext._kernels_sim, or None where eproj was built without it."""
+    try:
+        return importlib.import_module("eproj.cpp_ext._kernels_sim")
+    except ImportError:
+        return None
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda),
+                        pytest.param("sim", marks=pytest.mark.cuda_sim)])
+def device(request, monkeypatch) -> str:
     if request.param == "cuda":
         reason = _cuda_skip_reason()
         if reason:
             pytest.skip(reason)
+    if request.param == "sim":
+        sim = _simulated_kernels()
+        if sim is None:
+            pytest.skip("the simulated CUDA device is not built: install eproj with "
+                        "-Ccmake.define.EPROJ_CUDA_SIM=ON (make install does)")
+        import eproj.cpp_ext
+
+        # every eproj.cpp_ext call of this test goes to the simulated module
+        monkeypatch.setattr(eproj.cpp_ext, "_module", sim)
     return request.param
 
 
 class Arrays:
-    """Moves NumPy arrays to the device under test and back."""
+    """Moves NumPy arrays to the device under test and back. On "sim" the
+    arrays are eproj.cpp_ext.device_array views of the simulated device's
+    memory (NaN bytes until written), freed by ``close``."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, sim=None):
         self.device = device
+        self._sim = sim
+        self._allocations: list[int] = []
+
+    def _allocate(self, nbytes: int) -> int:
+        pointer = self._sim.malloc(nbytes)
+        if pointer:
+            self._allocations.append(pointer)
+        return pointer
 
     def put(self, array: np.ndarray):
         if self.device == "cpu":
             return np.array(array, order="C", copy=True)  # the kernels write in place: never alias the caller's array
+        if self.device == "sim":
+            from eproj.cpp_ext import device_array
+
+            host = np.ascontiguousarray(array)
+            pointer = self._allocate(host.nbytes)
+            self._sim.memcpy(pointer, host.ctypes.data, host.nbytes, "host_to_device")
+            return device_array(pointer, host.shape, host.dtype.name)
         return torch.from_numpy(np.ascontiguousarray(array)).cuda()
 
     def empty(self, shape, dtype):
         if self.device == "cpu":
             return None  # the CPU path allocates its outputs
+        if self.device == "sim":
+            from eproj.cpp_ext import device_array
+
+            return device_array(self._allocate(int(np.prod(shape)) * np.dtype(dtype).itemsize), tuple(shape),
+                                np.dtype(dtype).name)
         return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device="cuda")
 
     def get(self, array) -> np.ndarray:
         if isinstance(array, np.ndarray):
             return array
+        if self.device == "sim":
+            interface = array.__cuda_array_interface__
+            host = np.empty(interface["shape"], np.dtype(interface["typestr"]))
+            self._sim.memcpy(host.ctypes.data, interface["data"][0], host.nbytes, "device_to_host")
+            return host
         torch.cuda.synchronize()
         return array.cpu().numpy()
 
+    def close(self) -> None:
+        """Free the simulated device memory; fail when a launch left the device in error."""
+        if self._sim is None:
+            return
+        name, message = self._sim.get_last_error()
+        self._sim.clear_sticky_error()
+        for pointer in self._allocations:
+            self._sim.free(pointer)
+        self._allocations.clear()
+        if name != "cudaSuccess":
+            pytest.fail(f"the test left the simulated device in error: {name}: {message}")
+
 
 @pytest.fixture
-def arrays(device) -> Arrays:
-    return Arrays(device)
+def arrays(device):
+    import eproj.cpp_ext
+
+    helper = Arrays(device, eproj.cpp_ext._module if device == "sim" else None)
+    yield helper
+    helper.close()

@@ -8,6 +8,16 @@
 #include <stdexcept>
 #include <string>
 
+// Launches and dynamic shared memory go through these two macros, so that the
+// simulated device (cpp_ext/sim, whose cuda_runtime.h defines them) compiles
+// these files as C++ and runs them on the CPU in the tests:
+//   EPROJ_LAUNCH(kernel, grid, block, shared_bytes, stream)(args...)
+//   EPROJ_DYNAMIC_SHARED(float, smem);  // extern __shared__ float smem[];
+#if !defined(EPROJ_LAUNCH)
+#define EPROJ_LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
+#define EPROJ_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace eproj {
 
 inline void check_cuda(cudaError_t status, const char* what) {

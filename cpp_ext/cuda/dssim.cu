@@ -27,7 +27,7 @@ std::size_t shared_bytes(int radius) {
 
 template <int kWindow>
 __global__ void dssim_kernel(DssimParams p, DssimBuffers b, float2* partials) {
-  extern __shared__ float smem[];
+  EPROJ_DYNAMIC_SHARED(float, smem);
   __shared__ float reduce_f[32];
   __shared__ double reduce_d[32];
   const int radius = p.window / 2;
@@ -164,11 +164,13 @@ void dssim_map_cuda(const DssimParams& p, const DssimBuffers& b, std::uintptr_t 
     }
     const bool stats = s.max != nullptr;
     StreamBuffer<float2> partials(stats ? static_cast<std::size_t>(count * tiles) : 1, stream);
-    kernel<<<dim3(static_cast<unsigned>(tiles_x), static_cast<unsigned>(tiles_y), static_cast<unsigned>(count)),
-                   dim3(kTileW, kTileH), bytes, stream>>>(p, s, stats ? partials.get() : nullptr);
+    EPROJ_LAUNCH(kernel,
+                 dim3(static_cast<unsigned>(tiles_x), static_cast<unsigned>(tiles_y), static_cast<unsigned>(count)),
+                 dim3(kTileW, kTileH), bytes, stream)(p, s, stats ? partials.get() : nullptr);
     check_launch("dssim_kernel");
     if (stats) {
-      stats_kernel<<<static_cast<unsigned>(count), 256, 0, stream>>>(s, partials.get(), static_cast<int>(tiles));
+      EPROJ_LAUNCH(stats_kernel, static_cast<unsigned>(count), 256, 0, stream)(s, partials.get(),
+                                                                             static_cast<int>(tiles));
       check_launch("stats_kernel");
     }
   }

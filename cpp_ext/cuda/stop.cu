@@ -18,7 +18,7 @@ void stop_check_cuda(const StopParams& p, const StopBuffers& b, std::uintptr_t s
   if (b.n == 0) return;
   constexpr int kThreads = 128;
   const auto blocks = static_cast<unsigned>((b.n + kThreads - 1) / kThreads);
-  stop_kernel<<<blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(p, b);
+  EPROJ_LAUNCH(stop_kernel, blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream_handle))(p, b);
   check_launch("stop_kernel");
 }
 

@@ -123,11 +123,11 @@ void update_cuda(const UpdateParams& p, const UpdateBuffers& b, std::uintptr_t s
     const std::int64_t count = std::min(kMaxGridY, b.n - first);
     const UpdateBuffers s = slice(b, first, count);
     StreamBuffer<float2> partials(static_cast<std::size_t>(count * blocks), stream);
-    kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(count)), kThreads, 0, stream>>>(
+    EPROJ_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(count)), kThreads, 0, stream)(
         p, s, partials.get());
     check_launch("update_kernel");
-    finish_kernel<<<static_cast<unsigned>(count), kThreads, 0, stream>>>(p, s, partials.get(),
-                                                                         static_cast<int>(blocks));
+    EPROJ_LAUNCH(finish_kernel, static_cast<unsigned>(count), kThreads, 0, stream)(p, s, partials.get(),
+                                                                                   static_cast<int>(blocks));
     check_launch("finish_kernel");
   }
 }

@@ -1,0 +1,2 @@
+// cuda/stop.cu compiled as C++ for the simulated device (cuda_runtime.h here).
+#include "../cuda/stop.cu"
