@@ -125,7 +125,10 @@ def verify_engine(folder: Path, manifest: dict[str, Any], graph: str, current: E
         raise EngineError(f"{path} has SHA-256 {digest[:16]}…; the manifest records {record['sha256'][:16]}… "
                           f"(replaced after it was built). Rebuild it with {hint}")
     graph_entry = manifest["graphs"].get(graph)
-    graph_digest = manifest["files"].get(graph_entry["file"], {}).get("sha256") if graph_entry else None
+    if graph_entry is None:
+        raise EngineError(f"{path} was built from {record['graph']}, which the bundle no longer has; export the "
+                          f"bundle again with the graph, then rebuild the engine with {hint}")
+    graph_digest = manifest["files"].get(graph_entry["file"], {}).get("sha256")
     if graph_digest != record["graph_sha256"]:
         raise EngineError(f"{path} was built from a {record['graph']} with SHA-256 {record['graph_sha256'][:16]}…; "
                           f"the bundle's is {str(graph_digest)[:16]}… (exported again since). Rebuild it with {hint}")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from eproj.cpp_ext import device_array
-from eproj.engines import EngineError, current_target, require_tensorrt, verify_engine
+from eproj.engines import EngineError, current_target, rebuild_hint, require_tensorrt, verify_engine
 from eproj.errors import ConfigError
 from eproj.runtime.backends.base import Backend
 from eproj.runtime.bundle import Bundle
@@ -63,7 +63,7 @@ def load_engine(bundle: Bundle, graph: str) -> LoadedEngine:
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
         raise EngineError(f"TensorRT could not load {path} (see its log above); rebuild it with "
-                          f"`eproj build-engine {bundle.folder}{' --fp16' if graph == 'step_fp16' else ''}`")
+                          f"{rebuild_hint(bundle.folder, graph)}")
     return LoadedEngine(runtime, engine, record)
 
 

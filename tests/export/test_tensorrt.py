@@ -237,7 +237,9 @@ def test_tensorrt_modules_type_check_against_the_real_bindings(major, tmp_path):
     env = {**os.environ, "MYPYPATH": str(stubs)}
 
     def mypy(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(cache), *args], cwd=cwd,
+        # one cache per configuration: mypy drops a cache written under other options
+        kind = "project" if cwd == ROOT else "probe"
+        return subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(cache / kind), *args], cwd=cwd,
                               capture_output=True, text=True, env=env)
 
     # the stubs are the ones mypy reads: TensorRT 11 has no weakly typed flags, 10 has them

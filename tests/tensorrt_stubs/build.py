@@ -54,7 +54,10 @@ class StubsUnavailable(Exception):
 
 
 def _run(command: list[str], what: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    except FileNotFoundError:
+        raise RuntimeError(f"{what} needs `{command[0]}`, which is not on PATH") from None
     if result.returncode != 0:
         raise RuntimeError(f"{what} failed ({' '.join(command)}):\n{result.stdout}{result.stderr}")
     return result
