@@ -118,25 +118,62 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: st
     return {"file": path.name, "inputs": inputs, "outputs": outputs}
 
 
-def fp16_error(fp32_path: Path, fp16_path: Path, channels: int, size: int, batch: int = 8) -> dict[str, Any]:
-    """Relative L2 error ||fp16 - fp32|| / ||fp32|| of every step output, by ONNX Runtime on the CPU.
+class ExportError(ConfigError):
+    """A graph cannot be exported faithfully (e.g. its float16 version overflows)."""
 
-    Inputs: half uniform noise, half smooth random fields (image-like), seeded.
-    """
+
+def _test_images(channels: int, size: int, batch: int = 8) -> np.ndarray:
+    """(batch, C, S, S) float32 seeded images: half uniform noise, half smooth random fields."""
     import cv2
-    import onnxruntime as ort
 
     rng = np.random.default_rng(0)
     x = rng.random((batch, channels, size, size)).astype(np.float32)
     for i in range(batch // 2, batch):
         for c in range(channels):
             x[i, c] = np.clip(0.5 + 2 * cv2.GaussianBlur(x[i, c] - 0.5, (0, 0), 3), 0, 1)
+    return x
+
+
+def _overflow(fp16_name: str, names: list[str], got: list[np.ndarray], want: list[np.ndarray], where: str) -> None:
+    """ExportError naming the outputs that are inf/NaN in ``got`` where ``want`` is finite."""
+    overflowing = [f"{n} ({int((~np.isfinite(g)).sum())} values)" for n, g, w in zip(names, got, want)
+                   if np.isfinite(w).all() and not np.isfinite(g).all()]
+    if overflowing:
+        raise ExportError(f"{fp16_name} gives inf/NaN where the float32 step is finite ({where}): "
+                          f"{', '.join(overflowing)}. The model's values exceed float16's range (max 65504); "
+                          f"export it without --fp16")
+
+
+def check_fp16_step(model: Autoencoder, fp16_name: str = "step_fp16.onnx", batch: int = 8) -> None:
+    """Run the float16 step module in torch on the seeded test images; ExportError where it
+    overflows and the float32 step does not. (ONNX Runtime's CPU provider computes some
+    float16 operators in float32, so it alone can miss an overflow a GPU would hit.)"""
+    cfg = model.config
+    x = torch.from_numpy(_test_images(cfg.channels, cfg.size, batch))
+    with torch.no_grad():
+        want = [t.numpy() for t in StepModule(model)(x)]
+        got = [t.float().numpy() for t in _half_step(model)(x)]
+    names = ["reconstruction", "loss", "grad"] + (["kl", "kl_grad"] if cfg.variational else [])
+    _overflow(fp16_name, names, got, want, f"torch float16, {batch} seeded test images")
+
+
+def fp16_error(fp32_path: Path, fp16_path: Path, channels: int, size: int, batch: int = 8) -> dict[str, Any]:
+    """Relative L2 error ||fp16 - fp32|| / ||fp32|| of every step output, by ONNX Runtime on the CPU.
+
+    Inputs: ``batch`` seeded images, half uniform noise, half smooth random fields (image-like).
+    Raises ExportError, naming the outputs, where the float16 graph gives inf or NaN
+    on an input on which the float32 graph is finite (a float16 overflow).
+    """
+    import onnxruntime as ort
+
+    x = _test_images(channels, size, batch)
     providers = ["CPUExecutionProvider"]
     reference = ort.InferenceSession(str(fp32_path), providers=providers)
     half = ort.InferenceSession(str(fp16_path), providers=providers)
     names = [o.name for o in reference.get_outputs()]
     want = reference.run(None, {"x": x})
     got = half.run(None, {"x": x})
+    _overflow(fp16_path.name, names, got, want, f"ONNX Runtime, {batch} seeded test images")
     errors = {n: float(np.linalg.norm(g - w) / max(float(np.linalg.norm(w)), 1e-12))
               for n, g, w in zip(names, got, want)}
     return {"relative_l2": errors, "measured_with": f"onnxruntime {ort.__version__} CPUExecutionProvider",
@@ -171,8 +208,13 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
     if fp16:
         graphs["step_fp16"] = _export(_half_step(model), x, out / "step_fp16.onnx", "x",
                                       list(graphs["step"]["outputs"]), opset)
-        graphs["step_fp16"]["error_vs_fp32"] = fp16_error(out / "step.onnx", out / "step_fp16.onnx",
-                                                          cfg.channels, cfg.size)
+        try:
+            check_fp16_step(model)
+            graphs["step_fp16"]["error_vs_fp32"] = fp16_error(out / "step.onnx", out / "step_fp16.onnx",
+                                                              cfg.channels, cfg.size)
+        except ExportError:
+            (out / "step_fp16.onnx").unlink()  # never left beside a bundle that does not list it
+            raise
     cal = trained.calibration
     manifest = {
         "eproj_version": __version__,

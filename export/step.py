@@ -13,7 +13,8 @@ layer with forward operators only:
   Gaussian filter with symmetric borders is linear along each axis, so it is
   written as two banded matrices, filter(X) = A_h X A_w^T, whose adjoint is
   A_h^T G A_w: matrix products only;
-- the gamma-VAE's Lr scales the squared residual by 1/(2 gamma^2).
+- the gamma-VAE's Lr scales the squared residual by 1/(2 gamma^2), applied after the
+  network's backward pass so that a small gamma cannot overflow a float16 graph.
 
 For the variational families the KL term and its input gradient are extra
 outputs. ``StepModule`` is checked against autograd on the reference
@@ -174,23 +175,28 @@ class StepModule(nn.Module):
         decoded = _run(model.decoder, mu)
         reconstruction = decoded[-1].to(wide)
         x = x.to(wide)
+        scale = None
         if self.family == "dsae":
             loss, grad_direct, grad_reconstruction = self._dssim_loss(x, reconstruction)
         else:
             residual = x - reconstruction
-            scale = 1.0
             if self.family == "gvae":
                 log_gamma = model.log_gamma.to(wide)
                 scale = 0.5 * torch.exp(-2.0 * log_gamma)
-            loss = scale * (residual * residual).sum(dim=(1, 2, 3))
-            if self.family == "gvae":
-                loss = loss + x[0].numel() * log_gamma
-            grad_direct = 2.0 * scale * residual
-            grad_reconstruction = -grad_direct
+                loss = scale * (residual * residual).sum(dim=(1, 2, 3)) + x[0].numel() * log_gamma
+                grad_direct = 2.0 * scale * residual
+            else:
+                loss = (residual * residual).sum(dim=(1, 2, 3))
+                grad_direct = 2.0 * residual
+            # the network's backward pass carries the gradient of the *unscaled* squared error;
+            # the gamma-VAE's 1/(2 gamma^2) multiplies its result in the wide type, so a small
+            # gamma cannot overflow a float16 backward pass (the pass is linear in its input)
+            grad_reconstruction = -2.0 * residual
         grad_latent = _backward(model.decoder, decoded, grad_reconstruction.to(net))
         if cfg.variational:
             grad_latent = torch.cat([grad_latent, torch.zeros_like(grad_latent)], dim=1)
-        grad = grad_direct + _backward(model.encoder, encoded, grad_latent).to(wide)
+        grad_network = _backward(model.encoder, encoded, grad_latent).to(wide)
+        grad = grad_direct + (grad_network if scale is None else scale * grad_network)
         if not cfg.variational:
             return reconstruction, loss, grad
         mu_w, logvar_w = mu.to(wide), h[:, cfg.latent:].to(wide)

@@ -179,3 +179,42 @@ def test_the_64x64_vae_exports_and_matches_autograd(tmp_path):
     want_grad, = torch.autograd.grad(want_loss.sum(), xt)
     assert _norm_relative(loss, want_loss.detach().numpy()) <= 1e-4
     assert _norm_relative(grad, want_grad.numpy()) <= 1e-4
+
+
+def _with_gamma(trained, gamma: float):
+    import copy
+    import math
+
+    model = copy.deepcopy(trained.model)
+    with torch.no_grad():
+        model.log_gamma.fill_(math.log(gamma))
+    return type(trained)(model, trained.calibration, trained.train, trained.path)
+
+
+def test_fp16_step_of_a_small_gamma_stays_finite(bundles, tmp_path):
+    """gamma = 1e-4 scales the squared residual by 5e7: applied after the float16 backward
+    pass, the gradient stays finite and within the usual float16 error (before, the scaled
+    gradient entered the float16 pass and overflowed: export refused it)."""
+    trained = _with_gamma(bundles["gvae"][0], 1e-4)
+    manifest = json.loads(export_bundle(trained, tmp_path / "b", fp16=True).read_text())
+    errors = manifest["graphs"]["step_fp16"]["error_vs_fp32"]["relative_l2"]
+    assert errors["grad"] < 5e-3 and errors["loss"] < 5e-3, errors
+
+
+def test_fp16_overflow_is_refused_and_says_which(bundles, tmp_path):
+    import copy
+
+    trained = bundles["l2ae"][0]
+    model = copy.deepcopy(trained.model)
+    with torch.no_grad():
+        first = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+        first.bias.fill_(1e5)  # beyond float16's 65504: inf in the float16 graph, finite in float32
+    huge = type(trained)(model, trained.calibration, trained.train, trained.path)
+    from eproj.export.onnx_graphs import ExportError
+
+    with pytest.raises(ExportError, match=r"step_fp16.onnx gives inf/NaN where the float32 step is finite.*"
+                                          r"(reconstruction|grad|loss) \(\d+ values\).*without --fp16"):
+        export_bundle(huge, tmp_path / "b", fp16=True)
+    assert not (tmp_path / "b" / "step_fp16.onnx").exists()
+    assert not (tmp_path / "b" / "manifest.json").exists()
+    export_bundle(huge, tmp_path / "b")  # float32 alone is fine
