@@ -15,7 +15,8 @@ KERNEL_SOURCES := $(wildcard cpp_ext/CMakeLists.txt cpp_ext/*.cpp cpp_ext/*.in c
 # rebuilt (and the kernels recompiled) when the build files or kernel sources change
 $(STAMP): pyproject.toml CMakeLists.txt $(KERNEL_SOURCES) | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	# EPROJ_CUDA_SIM=ON: also the simulated CUDA device (cpp_ext/sim) that `make test` runs the CUDA kernels on
+	$(VENV)/bin/python -m pip install --quiet -e ".[test]" -Ccmake.define.EPROJ_CUDA_SIM=ON
 	touch $@
 
 install: $(STAMP)

@@ -148,6 +148,7 @@ class Arrays:
         self.device = device
         self._sim = sim
         self._allocations: list[int] = []
+        self._streams: list[int] = []
 
     def _allocate(self, nbytes: int) -> int:
         pointer = self._sim.malloc(nbytes)
@@ -185,8 +186,20 @@ class Arrays:
             host = np.empty(interface["shape"], np.dtype(interface["typestr"]))
             self._sim.memcpy(host.ctypes.data, interface["data"][0], host.nbytes, "device_to_host")
             return host
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # every stream
         return array.cpu().numpy()
+
+    def stream(self):
+        """A stream of the device other than the default one (None on the CPU);
+        the copies made so far are complete when it returns."""
+        if self.device == "cpu":
+            return None
+        if self.device == "sim":
+            handle = self._sim.stream_create()
+            self._streams.append(handle)
+            return handle
+        torch.cuda.synchronize()
+        return torch.cuda.Stream()
 
     def close(self) -> None:
         """Free the simulated device memory; fail when a launch left the device in error."""
@@ -196,7 +209,10 @@ class Arrays:
         self._sim.clear_sticky_error()
         for pointer in self._allocations:
             self._sim.free(pointer)
+        for handle in self._streams:
+            self._sim.stream_destroy(handle)
         self._allocations.clear()
+        self._streams.clear()
         if name != "cudaSuccess":
             pytest.fail(f"the test left the simulated device in error: {name}: {message}")
 

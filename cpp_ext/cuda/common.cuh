@@ -20,9 +20,14 @@
 
 namespace eproj {
 
+// A failed call is also recorded as the thread's last error: it is cleared
+// here (a sticky one stays), so that the next launch check does not report it
+// as its own.
 inline void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string("eproj CUDA: ") + what + " failed: " + cudaGetErrorString(status));
+  if (status == cudaSuccess) return;
+  const std::string message = std::string("eproj CUDA: ") + what + " failed: " + cudaGetErrorString(status);
+  cudaGetLastError();
+  throw std::runtime_error(message);
 }
 
 // Launch errors surface at the next call: check right after every launch.

@@ -296,7 +296,7 @@ void launch(const LaunchConfig& config, void (*body)(void*), void* context) {
     return;
   }
   const std::string overrun = broken_redzone();
-  if (!overrun.empty()) set_sticky(cudaErrorIllegalAddress, std::string(config.name) + ": " + overrun);
+  if (!overrun.empty()) set_sticky(cudaErrorIllegalAddress, "launch of " + std::string(config.name) + ": " + overrun);
 }
 
 }  // namespace eproj::sim

@@ -348,7 +348,7 @@ bool run_grid(const LaunchConfig& config, void (*body)(void*), void* context, st
         ok = run_block(error);
       }
   if (!ok) {
-    *error = std::string(config.name) + ": " + *error;
+    *error = std::string("launch of ") + config.name + ": " + *error;
     for (int i = 0; i < threads; ++i) d.fibers[i]->entered = false;  // abandoned mid-kernel: restart them fresh
   }
   d.body = nullptr;

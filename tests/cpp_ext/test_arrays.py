@@ -83,3 +83,27 @@ def test_cuda_kernels_are_built_where_a_toolkit_is():
     if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
         pytest.skip("no CUDA toolkit on this machine")
     assert kernels.build_info()["cuda"] is True
+
+
+def test_device_arrays_are_read_as_cuda_memory(arrays):
+    if arrays.device == "cpu":
+        pytest.skip("device memory")
+    x = arrays.put(np.zeros((2, 3, 5), np.float32))
+    v = view_of(x, "x")
+    assert (v.device, v.device_id, v.dtype, v.shape, v.contiguous) == ("cuda", 0, "float32", (2, 3, 5), True)
+    assert kernels._load().pointer_kind(v.pointer) == ("device", 0)
+    with pytest.raises(ArrayError, match="x: expected device memory for the CUDA path, got a unregistered pointer"):
+        host = np.zeros((2, 3, 5), np.float32)
+        view_of(kernels.device_array(host.ctypes.data, host.shape), "x")
+
+
+def test_kernels_run_on_a_stream_of_their_own(arrays):
+    rng = np.random.default_rng(4)
+    x, y = rng.random((2, 1, 24, 40), dtype=np.float32), rng.random((2, 1, 24, 40), dtype=np.float32)
+    dx, dy = arrays.put(x), arrays.put(y)
+    stream = arrays.stream()
+    result = kernels.dssim_map(dx, dy, stats=True, out=arrays.empty((2, 24, 40), np.float32),
+                               max=arrays.empty((2,), np.float32), mean=arrays.empty((2,), np.float32), stream=stream)
+    expected = kernels.dssim_map(x, y, stats=True)
+    np.testing.assert_allclose(arrays.get(result.map), expected.map, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(arrays.get(result.mean), expected.mean, rtol=1e-6)

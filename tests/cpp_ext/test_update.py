@@ -88,6 +88,44 @@ def test_update_matches_the_reference(arrays, weighting, step, mask_channels, sh
         dev["reconstruction"] = arrays.put(s["reconstruction"])
 
 
+# the C++ kernel works in chunks of 16384 pixels of one channel, over two or more
+# OpenMP threads from 32768 pixels on: one chunk exactly, one pixel over, just
+# under two, and three chunks
+CHUNK_SHAPES = [(3, 2, 128, 128), (3, 1, 129, 128), (2, 1, 181, 181), (1, 1, 1, 32769)]
+
+
+@pytest.mark.parametrize("shape", CHUNK_SHAPES)
+def test_sizes_across_the_cpu_chunks(arrays, shape):
+    rng = np.random.default_rng(sum(shape))
+    n, c, h, w = shape
+    s = _state(rng, n, c, h, w, mask_channels=1)
+    config = ProjectionConfig(alpha=0.01, lam=0.05, weighting="mask", step="adam", value_min=0.0, value_max=1.0)
+    m, v = np.zeros_like(s["x"]), np.zeros_like(s["x"])
+    ref = _reference(s, config, m, v)
+    dev = {k: arrays.put(val) for k, val in s.items()}
+    distance, energy = kernels.update(
+        dev["x"], dev["x0"], dev["reconstruction"], dev["grad_lr"], dev["loss"], dev["active"], dev["iterations"],
+        config=config, mask=dev["mask"], m=arrays.put(m), v=arrays.put(v), distance=arrays.empty((n,), np.float32),
+        energy=arrays.empty((n,), np.float32), threads=2)
+    np.testing.assert_allclose(arrays.get(dev["x"]), ref.x.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(arrays.get(distance), ref.distance.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(arrays.get(energy), ref.energy.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", CHUNK_SHAPES)
+def test_cpu_thread_count_does_not_change_the_bits(shape):
+    s = _state(np.random.default_rng(3), *shape)
+    results = []
+    for threads in (1, 2, 3):
+        t = {k: np.array(val, copy=True) for k, val in s.items()}
+        distance, energy = kernels.update(t["x"], t["x0"], t["reconstruction"], t["grad_lr"], t["loss"], t["active"],
+                                          t["iterations"], threads=threads)
+        results.append((t["x"], distance, energy))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_cpu_update_is_bit_exact(device):
     if device != "cpu":
         pytest.skip("bit-exactness is a property of the C++ kernel")
