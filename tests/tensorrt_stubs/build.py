@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,12 @@ def _run(command: list[str], what: str, **kwargs: Any) -> subprocess.CompletedPr
 
 
 def _fingerprint(distribution: str, version: str) -> str:
-    """Changes when the wheel asked for or this builder changes: the cache is then rebuilt."""
-    digest = hashlib.sha256(f"{distribution}=={version}".encode())
+    """Changes when the wheel asked for, pybind11-stubgen or this builder changes: the cache is then rebuilt."""
+    try:
+        stubgen = metadata.version("pybind11-stubgen")
+    except metadata.PackageNotFoundError:
+        raise RuntimeError("pybind11-stubgen is not installed: it comes with eproj[test]") from None
+    digest = hashlib.sha256(f"{distribution}=={version} pybind11-stubgen=={stubgen}".encode())
     for source in (HERE / "build.py", HERE / "standin.c"):
         digest.update(source.read_bytes())
     return digest.hexdigest()
