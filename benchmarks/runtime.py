@@ -15,6 +15,7 @@ import json
 import tempfile
 
 from eproj.export.onnx_graphs import export_bundle
+from eproj.benchmarking import eager_reference
 from eproj.runtime.bench import bench
 
 
@@ -36,7 +37,8 @@ def main() -> None:
         export_bundle(args.model, folder)
         result = bench(folder, backend=args.backend, device=args.device,
                        batches=tuple(int(b) for b in args.batches.split(",")), iters=args.iters,
-                       repeats=args.repeats, threads=args.threads)
+                       repeats=args.repeats, reference=eager_reference,
+                       threads=args.threads if args.backend == "onnxruntime" else None)
     result["bundle"] = f"{args.model} exported to a temporary bundle"
     text = json.dumps(result, indent=2)
     with open(args.json, "w") as f:

@@ -22,7 +22,8 @@ import numpy as np
 
 from eproj.export.onnx_graphs import export_bundle
 from eproj.runtime import Inspector
-from eproj.runtime.bench import _reference, synthetic_frames
+from eproj.benchmarking import eager_reference
+from eproj.runtime.bench import synthetic_frames
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
                     inspector(frames)
                     samples.append(1e3 * (time.perf_counter() - start))
                 medians[name].append(float(np.median(samples)))
-            medians["reference"].append(_reference(sides["one_loop"], frames, 1, args.repeats)["p50_ms"])
+            medians["reference"].append(eager_reference(sides["one_loop"], frames, 1, args.repeats)["p50_ms"])
     ref = np.asarray(medians["reference"])
     result = {
         "benchmark": "runtime_loops", "model": args.model, "batch": args.batch, "iterations": args.iters,

@@ -90,7 +90,7 @@ PREDICTOR_METHODS = ("rec_error", "rec_grad", "kl_grad", "elbo_grad", "combi", "
 
 def _cmd_eval_maps(args: argparse.Namespace, threads: int) -> int:
     from eproj.train.evaluate import write_json
-    from eproj.train.predictor_eval import evaluate_model
+    from eproj.predictor_eval import evaluate_model
 
     result = evaluate_model(args.run, args.data, threads=threads)
     if args.method not in result["metrics"]:
@@ -105,7 +105,7 @@ def _cmd_eval_maps(args: argparse.Namespace, threads: int) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     import shlex
 
-    from eproj.train.report import report
+    from eproj.report import report
 
     report(args.models, Path(args.out), args.data, command="eproj " + shlex.join(args.raw),
            threads=_set_threads(args))
@@ -116,7 +116,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import shlex
 
-    from eproj.train.report import sweep
+    from eproj.report import sweep
 
     sweep(args.data, args.model, args.parameter, args.values, Path(args.out), args.steps, args.size, args.lr,
           command="eproj " + shlex.join(args.raw), threads=_set_threads(args))
@@ -132,7 +132,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from eproj.train.demo import run_demo
+    from eproj.demo import run_demo
 
     run_demo(Path(args.out), retrain=args.train, steps=args.steps, threads=_set_threads(args))
     return 0
@@ -189,12 +189,13 @@ def _batches(text: str) -> tuple[int, ...]:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from eproj.files import write_atomic
+    from eproj.benchmarking import eager_reference
     from eproj.runtime.bench import bench
 
     _set_threads(args)  # torch's: the reference row's threads
     result = bench(args.bundle, backend=args.backend, device=args.device, batches=args.batch, iters=args.iters,
                    size=args.size, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                   precision=args.precision, reference=not args.no_reference)
+                   precision=args.precision, reference=None if args.no_reference else eager_reference)
     text = json.dumps(result, indent=2)
     write_atomic(Path(args.json), (text + "\n").encode())
     print(f"{'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'fps':>8} {'reference p50':>14} {'speed-up':>9}")
@@ -317,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the JSON of `eproj eval --method ensemble`: store its fitted ensemble in the bundle")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("build-engine", help="build TensorRT engines from a bundle (needs TensorRT 10 and a GPU)")
+    p = sub.add_parser("build-engine", help="build TensorRT engines from a bundle (needs TensorRT 10 or 11 and an NVIDIA GPU)")
     p.add_argument("bundle")
-    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--fp16", action="store_true", help="build step_fp16.engine from step_fp16.onnx (export --fp16)")
     p.add_argument("--min-batch", type=_positive_int, default=1)
     p.add_argument("--opt-batch", type=_positive_int, default=8)
     p.add_argument("--max-batch", type=_positive_int, default=32)

@@ -1,6 +1,8 @@
-"""``eproj bench``: the runtime's latency on one backend, beside the PyTorch
-eager-autograd reference doing the same work (same frames, same iteration
-count, same device) in the same run.
+"""``eproj bench``: the runtime's latency on one backend, beside a reference doing
+the same work (same frames, same iteration count, same device) in the same run.
+The runtime knows no reference of its own (it never imports the training code):
+the command line passes the PyTorch eager-autograd one
+(``eproj.benchmarking.eager_reference``).
 
 Every frame runs exactly ``iters`` iterations (the stop threshold and the
 energy criterion are switched off), so both sides do equal work. Rows report
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -22,6 +25,7 @@ import numpy as np
 from eproj.runtime.inspector import Inspector
 
 STAGES = ("preprocess", "iterations", "dssim", "postprocess")
+Reference = Callable[[Inspector, list[np.ndarray], int, int], dict[str, Any]]
 
 
 def synthetic_frames(n: int, size: int, channels: int, seed: int = 0) -> list[np.ndarray]:
@@ -36,7 +40,7 @@ def synthetic_frames(n: int, size: int, channels: int, seed: int = 0) -> list[np
     return frames
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
+def percentiles(samples: list[float]) -> dict[str, float]:
     a = np.asarray(samples)
     return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
             "p99_ms": float(np.percentile(a, 99))}
@@ -54,48 +58,14 @@ def _network_ms(inspector: Inspector, batch_tiles: int, iters: int) -> float:
     return 1e3 * (time.perf_counter() - start)
 
 
-def _reference(inspector: Inspector, frames: list[np.ndarray], warmup: int, repeats: int) -> dict[str, Any]:
-    """The same work with eager autograd: eproj.train.projection.project and the torch DSSIM map."""
-    try:
-        import torch
-
-        from eproj.train.checkpoint import load_model
-        from eproj.train.losses import dssim_map
-        from eproj.train.projection import project
-    except ImportError as error:
-        return {"available": False, "why": f"{error}"}
-    device = "cuda" if inspector.backend.device == "cuda" else "cpu"
-    model = load_model(inspector.bundle.weights_path).model.to(device).eval()
-    config, threshold = inspector.config, inspector.pixel_threshold
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def once() -> None:
-        from eproj.runtime.frames import to_batch
-
-        x0, _, _ = to_batch(frames, inspector.bundle.size, inspector.bundle.channels, inspector.fit,
-                            inspector.channel_order)
-        x = torch.from_numpy(x0).to(device)
-        result = project(model, x, config)
-        with torch.no_grad():
-            dssim = dssim_map(x, result.projection)
-        (dssim > threshold).cpu().numpy()
-        dssim.max().item()
-        sync()
-
-    for _ in range(warmup):
-        once()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        samples.append(1e3 * (time.perf_counter() - start))
-    return {"available": True, "device": device, **_percentiles(samples)}
-
-
 def bench(bundle: str, backend: str = "auto", device: str | None = None, batches: tuple[int, ...] = (1, 8, 32),
           iters: int = 30, size: int | None = None, warmup: int = 3, repeats: int = 20, threads: int | None = None,
-          precision: str | None = None, reference: bool = True) -> dict[str, Any]:
-    """Latency rows for each batch size; see the module docstring."""
+          precision: str | None = None, reference: Reference | None = None) -> dict[str, Any]:
+    """Latency rows for each batch size; see the module docstring.
+
+    ``reference(inspector, frames, warmup, repeats)`` times the same work another way and
+    returns ``{"available": bool, "p50_ms": ...}`` (or ``"why"``); None leaves it out.
+    """
     probe = Inspector.from_bundle(bundle, backend=backend, device=device, threads=threads, precision=precision)
     frame_size = size or probe.bundle.size
     fit = "none" if frame_size == probe.bundle.size else None
@@ -118,13 +88,13 @@ def bench(bundle: str, backend: str = "auto", device: str | None = None, batches
         tiles = inspector._projectors and next(iter(inspector._projectors))
         network = _network_ms(inspector, tiles, iters)
         row: dict[str, Any] = {"batch": batch, "frame_size": frame_size, "tiles": tiles, "iterations": iters,
-                               **_percentiles(samples)}
+                               **percentiles(samples)}
         row["fps"] = batch / (row["p50_ms"] / 1e3)
         row["stages_ms"] = stages
         row["network_ms"] = network
         row["share_outside_network"] = max(0.0, 1.0 - network / stages["iterations"]) if stages["iterations"] else None
-        if reference:
-            ref = _reference(inspector, frames, max(1, warmup // 2), max(3, repeats // 4))
+        if reference is not None:
+            ref = reference(inspector, frames, max(1, warmup // 2), max(3, repeats // 4))
             row["reference_eager_autograd"] = ref
             if ref.get("available"):
                 row["speedup_vs_reference"] = ref["p50_ms"] / row["p50_ms"]

@@ -31,15 +31,17 @@ _AUTO_ORDER = {None: (("tensorrt", "cuda"), ("torch", "cuda"), ("onnxruntime", "
                "cpu": (("onnxruntime", "cpu"), ("torch", "cpu"))}
 
 
-def _unavailable(bundle: Bundle, backend: str, device: str) -> str:
+def _unavailable(bundle: Bundle, backend: str, device: str, precision: str | None) -> str:
     """Why ``backend`` on ``device`` cannot run here, found without building it ("" if it may)."""
     import importlib.util
 
     if backend == "tensorrt":
         if importlib.util.find_spec("tensorrt") is None:
             return "TensorRT is not installed"
-        if not (bundle.folder / "step.engine").is_file():
-            return f"no step.engine in {bundle.folder} (eproj build-engine)"
+        engine = "step_fp16" if precision == "fp16" else "step"
+        if engine not in bundle.manifest.get("engines", {}):
+            return f"no {engine}.engine recorded in {bundle.folder} (eproj build-engine" + \
+                (" --fp16)" if precision == "fp16" else ")")
         return ""
     if backend == "torch":
         if importlib.util.find_spec("torch") is None:
@@ -101,11 +103,11 @@ def create_backend(bundle: Bundle, backend: str = "auto", device: str | None = N
     if backend != "auto":
         chosen = _build(bundle, backend, device, given)
         return chosen, f"{chosen.describe()}, as asked"
-    passed = []
+    passed: list[str] = []
     for name, where in _AUTO_ORDER[device]:
         label = f"{name} on {where}"
         refused = _refused_options(name, given)
-        reason = f"does not take {', '.join(refused)}" if refused else _unavailable(bundle, name, where)
+        reason = f"does not take {', '.join(refused)}" if refused else _unavailable(bundle, name, where, given.get("precision"))
         if not reason:
             try:
                 chosen = _build(bundle, name, where, given)

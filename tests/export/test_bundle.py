@@ -150,7 +150,7 @@ def test_fp16_step_error_is_measured_and_recorded(bundles, family):
 
 
 def test_fp16_error_on_a_trained_model(tmp_path):
-    from eproj.train import demo
+    from eproj import demo
 
     manifest = export_bundle(demo.MODELS_DIR / "grass-vae.pt", tmp_path / "b", fp16=True)
     errors = json.loads(manifest.read_text())["graphs"]["step_fp16"]["error_vs_fp32"]["relative_l2"]

@@ -69,7 +69,7 @@ def test_step_matches_autograd_in_float32_on_real_rgb_images(family):
 
 @pytest.mark.parametrize("name", ["brick-l2ae", "grass-vae"])
 def test_step_matches_autograd_on_the_shipped_models(name):
-    from eproj.train import demo
+    from eproj import demo
     from eproj.train.checkpoint import load_model
 
     model = load_model(demo.MODELS_DIR / f"{name}.pt").model

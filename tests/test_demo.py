@@ -3,7 +3,7 @@ import json
 import cv2
 import pytest
 
-from eproj.train import demo
+from eproj import demo
 from eproj.train.checkpoint import load_model
 
 

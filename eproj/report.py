@@ -11,7 +11,7 @@ from typing import Any
 
 from eproj.errors import ConfigError
 from eproj.files import write_atomic
-from eproj.train.predictor_eval import MAPS, evaluate_model
+from eproj.predictor_eval import MAPS, evaluate_model
 
 COLUMN_TITLES = {"dssim_reconstruction": "DSSIM recon.", "dssim_projection": "DSSIM proj.", "rec_error": "Rec-Error",
                  "rec_grad": "Rec-grad", "kl_grad": "KL-grad", "elbo_grad": "ELBO-grad", "combi": "Combi",
