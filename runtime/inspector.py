@@ -46,7 +46,11 @@ class InspectionResult:
       (the reconstruction for ``method="reconstruction"``);
     - ``iterations``: projection steps taken (the most over the frame's tiles);
       ``stop_reasons``: per tile, "threshold", "converged" or "max_iters";
-    - ``timings``: milliseconds of the batch the frame was in, by stage.
+    - ``timings``: milliseconds of the batch the frame was in, by stage;
+    - ``failed``: the frame could not be inspected in a way eproj can vouch for (e.g. a
+      non-finite value in its map); such a frame is always ``defect`` (fail closed);
+    - ``reason``: why the verdict is not the plain one of the map and score (empty for
+      a plain verdict), e.g. "unlike any normal frame" or what made the frame fail.
     """
 
     anomaly_map: np.ndarray
@@ -57,6 +61,8 @@ class InspectionResult:
     iterations: int
     stop_reasons: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+    failed: bool = False
+    reason: str = ""
 
 
 class Inspector:
