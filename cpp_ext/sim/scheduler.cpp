@@ -1,13 +1,16 @@
 // The simulated device's execution model: every CUDA thread of a block is a
 // fiber; blocks run one after another.
 //
-// A block runs in rounds. Each round resumes every ready thread and lets it
-// run until it waits (at a barrier or a shuffle) or exits, in thread order or
-// in reverse thread order: the order flips from round to round, and even
-// blocks start forward, odd ones in reverse. A missing barrier between a
-// write to shared memory and another thread's read of it therefore shows up:
-// in one of the two orders the reader runs first and reads the NaN bytes the
-// block started with, or the previous value.
+// A block runs in rounds, from barrier to barrier. A round runs the warps one
+// after another, each as far as it goes: its ready lanes run one at a time
+// until they wait (at a barrier or a shuffle) or exit, again and again, until
+// every lane of the warp waits at a barrier or exited. The order (of the
+// warps, and of the lanes in a warp) is forward or reverse and flips from
+// round to round; even blocks start forward, odd ones in reverse. So one warp
+// runs far ahead of the others, as a real GPU may let it, and a missing
+// barrier between a write to shared memory and another thread's read of it
+// shows up: in one of the two orders the reader runs first and reads the NaN
+// bytes the block started with, or a value of a previous phase.
 //
 //   - __syncthreads() releases when every thread of the block waits at the
 //     same call site. A barrier reached while other threads had exited or wait
@@ -283,19 +286,26 @@ bool run_block(std::string* error) {
   const dim3 grid = current.grid_dim;
   const uint3 b = current.block_idx;
   const std::uint64_t block_rank = b.x + static_cast<std::uint64_t>(grid.x) * (b.y + static_cast<std::uint64_t>(grid.y) * b.z);
+  const int warps = (d.threads + kWarpSize - 1) / kWarpSize;
   for (std::uint64_t round = block_rank % 2;; ++round) {
-    bool any_ready = false;
-    for (int k = 0; k < d.threads; ++k) {
-      Fiber& f = *d.fibers[round % 2 == 0 ? k : d.threads - 1 - k];
-      if (f.state != State::kReady) continue;
-      any_ready = true;
-      resume(f);
-      if (d.failed) {
-        *error = d.error;
-        return false;
+    const bool forward = round % 2 == 0;
+    for (int k = 0; k < warps; ++k) {
+      const int first = (forward ? k : warps - 1 - k) * kWarpSize;
+      const int lanes = std::min(kWarpSize, d.threads - first);
+      for (bool progressed = true; progressed;) {  // until no lane of the warp is ready
+        progressed = false;
+        for (int l = 0; l < lanes; ++l) {
+          Fiber& f = *d.fibers[first + (forward ? l : lanes - 1 - l)];
+          if (f.state != State::kReady) continue;
+          progressed = true;
+          resume(f);
+          if (d.failed) {
+            *error = d.error;
+            return false;
+          }
+        }
       }
     }
-    if (any_ready) continue;  // threads a shuffle released during the round
     bool released_or_done = settle(error);
     if (!released_or_done) return false;
     bool all_exited = true;
