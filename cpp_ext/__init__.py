@@ -48,7 +48,9 @@ _module: ModuleType | None = None
 
 
 def _load() -> ModuleType:
-    """The compiled module, imported on first use."""
+    """The compiled module, imported on first use. Every call goes through
+    ``_module``: the tests set it to ``eproj.cpp_ext._kernels_sim``, the same
+    bindings with the CUDA kernels on a simulated device (cpp_ext/README.md)."""
     global _module
     if _module is None:
         try:

@@ -11,6 +11,8 @@ import pytest
 
 import eproj.cpp_ext as kernels
 
+pytestmark = pytest.mark.cuda_sim
+
 SUCCESS = "cudaSuccess"
 
 
