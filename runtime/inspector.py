@@ -21,15 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from eproj.config import ProjectionConfig
+from eproj.config import ProjectionConfig, choice, integer
 from eproj.errors import ConfigError
 from eproj.runtime.backends import create_backend
 from eproj.runtime.backends.base import Backend
 from eproj.runtime.bundle import FITS, Bundle
-from eproj.runtime.frames import to_batch, to_frame, to_output_order
+from eproj.runtime.frames import (CHANNEL_ORDERS, at_frame_size, check_tiling, recorded_scale, stitch, to_batch,
+                                  to_frame, to_output_order)
 from eproj.runtime.projector import BatchOutput, ParallelProjector, Projector, concatenate
 
 METHODS = ("projection", "reconstruction", "ensemble")
+# the score of a frame that failed (``InspectionResult.failed``): float32's largest value, finite so
+# that JSON stays valid, and above every threshold so that whoever compares scores flags the frame
+FAILED_SCORE = float(np.finfo(np.float32).max)
 
 log = logging.getLogger("eproj.runtime")
 
@@ -40,15 +44,17 @@ class InspectionResult:
 
     - ``anomaly_map``: (H, W) float32, DSSIM(frame, projection) at the frame's size;
     - ``mask``: (H, W) bool, anomaly_map above the bundle's pixel threshold;
-    - ``score``: max of the map (at model resolution); ``defect``: score above the
-      bundle's image threshold;
+    - ``score``: max of the map (at model resolution), or ``FAILED_SCORE`` for a failed
+      frame; ``defect``: score above the bundle's image threshold, or the frame failed;
     - ``projection``: (H, W, C) float32 in [0, 1], in the frames' channel order
       (the reconstruction for ``method="reconstruction"``);
     - ``iterations``: projection steps taken (the most over the frame's tiles);
       ``stop_reasons``: per tile, "threshold", "converged" or "max_iters";
     - ``timings``: milliseconds of the batch the frame was in, by stage;
     - ``failed``: the frame could not be inspected in a way eproj can vouch for (e.g. a
-      non-finite value in its map); such a frame is always ``defect`` (fail closed);
+      non-finite value in its map, projection or score); such a frame is always ``defect``
+      (fail closed), its score is ``FAILED_SCORE`` and its mask flags every pixel whose
+      map value is not finite;
     - ``reason``: why the verdict is not the plain one of the map and score (empty for
       a plain verdict), e.g. "unlike any normal frame" or what made the frame fail.
     """
@@ -65,6 +71,29 @@ class InspectionResult:
     reason: str = ""
 
 
+def check_options(*, method: Any = "projection", fit: Any = None, channel_order: Any = "bgr",
+                  batch_size: Any = 16, check_every: Any = None, threads: Any = None, loops: Any = None,
+                  cuda_graphs: Any = None) -> None:
+    """ConfigError, naming the option, what it must be and what came, for a bad Inspector option.
+
+    ``method`` in METHODS; ``fit`` None or in FITS; ``channel_order`` "bgr" or "rgb"; ``batch_size``
+    an integer >= 1; ``check_every`` None or an integer >= 1; ``threads`` None or an integer >= 0;
+    ``loops`` None or an integer >= 1; ``cuda_graphs`` None or a bool. (Integers: not bools, not floats.)
+    """
+    choice("method", method, METHODS)
+    if fit is not None:
+        choice("fit", fit, FITS)
+    choice("channel_order", channel_order, CHANNEL_ORDERS)
+    for name, value, least in (("batch_size", batch_size, 1), ("check_every", check_every, 1),
+                               ("threads", threads, 0), ("loops", loops, 1)):
+        if value is None and name != "batch_size":
+            continue
+        if integer(name, value) < least:
+            raise ConfigError(f"{name} must be >= {least}, got {value}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ConfigError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
+
+
 class Inspector:
     """Projection-and-segmentation of frames with one bundle on one backend.
 
@@ -79,16 +108,21 @@ class Inspector:
 
     def __init__(self, bundle: Bundle, backend: Backend, config: ProjectionConfig, method: str = "projection",
                  fit: str | None = None, channel_order: str = "bgr", batch_size: int = 16,
-                 check_every: int | None = None, backend_note: str = "", threads: int = 0):
-        if method not in METHODS:
-            raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+                 check_every: int | None = None, backend_note: str = "", threads: int = 0,
+                 scale: float | None = None, tile_stride: int | None = None):
+        if not isinstance(config, ProjectionConfig):
+            raise ConfigError(f"config must be a ProjectionConfig, got {type(config).__name__}")
+        check_options(method=method, fit=fit, channel_order=channel_order, batch_size=batch_size,
+                      check_every=check_every)
         fit = fit or bundle.fit
         if fit not in FITS:
             raise ConfigError(f"fit must be one of {FITS}, got {fit!r}")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.bundle, self.backend, self.config, self.method = bundle, backend, config, method
         self.fit, self.channel_order, self.batch_size, self.check_every = fit, channel_order, batch_size, check_every
+        # fit "tile": frames are resized by ``scale`` (default the bundle's working scale) and cut every
+        # ``tile_stride`` pixels (default half a tile); see eproj.runtime.frames
+        self.scale, self.tile_stride = check_tiling(
+            bundle.size, recorded_scale(bundle.manifest["input"]) if scale is None else scale, tile_stride)
         self.backend_note = backend_note or backend.describe()
         self.pixel_threshold = bundle.threshold(method, "dssim")
         self.score_threshold = bundle.threshold(method, "score")
@@ -126,6 +160,7 @@ class Inspector:
                     method: str = "projection", fit: str | None = None, channel_order: str = "bgr",
                     batch_size: int = 16, check_every: int | None = None, threads: int | None = None,
                     precision: str | None = None, cuda_graphs: bool | None = None, loops: int | None = None,
+                    scale: float | None = None, tile_stride: int | None = None,
                     **overrides: Any) -> "Inspector":
         """Load a bundle (``eproj export``) and pick a backend.
 
@@ -135,6 +170,9 @@ class Inspector:
             method: "projection", "reconstruction" for the baseline, or "ensemble" (the
                 bundle's fitted predictor ensemble; its map is a probability).
             fit: "none", "resize" or "tile"; default the bundle's.
+            scale, tile_stride: fit "tile": the factor frames are resized by before tiling
+                (default the bundle's working scale, 1.0 for bundles that do not record it)
+                and the tiles' stride in pixels at that scale (default half a tile).
             channel_order: of colour frames, "bgr" (OpenCV) or "rgb".
             batch_size: tiles per batch through the loop.
             check_every: iterations between reads of the stop flags (1 on the CPU, 8 on GPUs).
@@ -152,12 +190,15 @@ class Inspector:
             **overrides: projection parameters (alpha, lam, step, weighting, max_iters,
                 energy_tol, stop_threshold, adam_beta1, ...), default the bundle's.
         """
+        check_options(method=method, fit=fit, channel_order=channel_order, batch_size=batch_size,
+                      check_every=check_every, threads=threads, loops=loops, cuda_graphs=cuda_graphs)
         bundle = Bundle.load(path)
         config = bundle.projection_config(**overrides)
         chosen, note = create_backend(bundle, backend, device, threads=threads, precision=precision,
                                       cuda_graphs=cuda_graphs, loops=loops)
         log.info("eproj runtime: %s", note)
-        return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note, threads or 0)
+        return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note, threads or 0,
+                   scale, tile_stride)
 
     def _projector(self, n: int) -> Projector | ParallelProjector:
         if n not in self._projectors:
@@ -180,7 +221,7 @@ class Inspector:
                 raise ConfigError("this Inspector is closed; load the bundle again (Inspector.from_bundle)")
             start = time.perf_counter()
             x0, layouts, mask = to_batch(frames, self.bundle.size, self.bundle.channels, self.fit,
-                                         self.channel_order, known_mask)
+                                         self.channel_order, known_mask, self.scale, self.tile_stride)
             if (mask is None) != (self.config.weighting != "mask"):
                 raise ConfigError("a known_mask is needed exactly when weighting='mask' "
                                   f"(weighting={self.config.weighting!r})")
@@ -222,12 +263,48 @@ class Inspector:
         results = []
         for layout in layouts:
             rows = slice(layout.start, layout.start + layout.count)
-            score = float(out.tile_max[rows].max())
             projection = to_output_order(to_frame(targets, layout, self.fit), channels, self.channel_order)
-            results.append(InspectionResult(
-                anomaly_map=to_frame(out.dssim, layout, self.fit),
-                mask=to_frame(out.mask.astype(np.uint8), layout, self.fit, nearest=True).astype(bool),
-                score=score, defect=bool(score > self.score_threshold),
+            if self.fit == "tile":  # overlapping tiles: blend the maps, then score and threshold the blend
+                working = stitch(out.dssim, layout)
+                score = float(working.max())
+                anomaly_map = at_frame_size(working, layout)
+                mask = anomaly_map > self.pixel_threshold
+            else:
+                score = float(out.tile_max[rows].max())
+                anomaly_map = to_frame(out.dssim, layout, self.fit)
+                mask = to_frame(out.mask.astype(np.uint8), layout, self.fit, nearest=True).astype(bool)
+            result = InspectionResult(
+                anomaly_map=anomaly_map, mask=mask, score=score, defect=bool(score > self.score_threshold),
                 projection=projection, iterations=int(out.iterations[rows].max()),
-                stop_reasons=list(out.stop_reason[rows])))
+                stop_reasons=list(out.stop_reason[rows]))
+            failure = non_finite_reason(out.dssim[rows], out.target[rows], score)
+            if failure:
+                fail(result, failure)
+            results.append(result)
         return results
+
+
+def non_finite_reason(anomaly_map: np.ndarray, target: np.ndarray, score: float) -> str:
+    """What was not finite among one frame's map rows (T, S, S), target rows (T, C, S, S) and
+    score, as a reason for ``InspectionResult``; "" when everything is finite."""
+    parts = []
+    for name, values in (("anomaly map", anomaly_map), ("projection", target)):
+        finite = np.isfinite(values)
+        if not finite.all():
+            parts.append(f"{name} has {int(finite.size - finite.sum())} NaN/Inf values of {finite.size}")
+    if not np.isfinite(score):
+        parts.append(f"score is {score}")
+    if not parts:
+        return ""
+    return ("non-finite result: " + "; ".join(parts) +
+            " (the model, the bundle's numbers or the projection parameters give NaN/Inf on this frame)")
+
+
+def fail(result: InspectionResult, reason: str) -> None:
+    """Mark ``result`` failed (fail closed): defective, ``FAILED_SCORE``, ``reason`` recorded, and every
+    pixel whose map value is not finite flagged in the mask."""
+    result.failed = True
+    result.defect = True
+    result.score = FAILED_SCORE
+    result.reason = f"{result.reason}; {reason}" if result.reason else reason
+    result.mask = result.mask | ~np.isfinite(result.anomaly_map)
