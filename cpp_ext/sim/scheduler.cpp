@@ -200,9 +200,13 @@ void make_fibers(int count) {
   }
 }
 
+bool same_site(Site a, Site b) {
+  return a.line == b.line && (a.file == b.file || std::strcmp(a.file, b.file) == 0);
+}
+
 bool same_shuffle(const Fiber& a, const Fiber& b) {
-  return a.state == State::kShuffle && b.state == State::kShuffle && a.site.line == b.site.line &&
-         std::strcmp(a.site.file, b.site.file) == 0 && a.kind == b.kind && a.mask == b.mask && a.width == b.width;
+  return a.state == State::kShuffle && b.state == State::kShuffle && same_site(a.site, b.site) && a.kind == b.kind &&
+         a.mask == b.mask && a.width == b.width;
 }
 
 // The lane whose value `lane` receives; -1: its own.
@@ -250,7 +254,7 @@ bool settle(std::string* error) {
     } else if (f.state == State::kBarrier) {
       ++at_barrier;
       if (!first_barrier) first_barrier = &f;
-      else if (std::strcmp(f.site.file, first_barrier->site.file) != 0 || f.site.line != first_barrier->site.line) {
+      else if (!same_site(f.site, first_barrier->site)) {
         *error = "threads of " + block_text() + " wait at different __syncthreads() call sites: thread " +
                  coordinates(first_barrier->index) + " at " + describe(first_barrier->site) + ", thread " +
                  coordinates(f.index) + " at " + describe(f.site) + "; a barrier must be reached by every thread "

@@ -88,6 +88,17 @@ __global__ void neighbour_kernel(float* out, int arg) {
   out[block_rank() * n + t] = smem[other];
 }
 
+// Lanes swap values with their neighbour (lane ^ 1) through shared memory,
+// across __syncwarp() when arg is 1; with arg 2 lane 3 leaves the warp first.
+__global__ void warp_exchange_kernel(float* out, int arg) {
+  EPROJ_DYNAMIC_SHARED(float, smem);
+  const int t = thread_rank();
+  if (arg == 2 && t % 32 == 3) return;
+  smem[t] = static_cast<float>(t);
+  if (arg != 0) __syncwarp();
+  out[t] = smem[t ^ 1];
+}
+
 // Thread 0 writes out[arg]: past the end when out holds arg floats.
 __global__ void write_at_kernel(float* out, int arg) {
   if (thread_rank() == 0) out[arg] = 1.0f;
@@ -144,6 +155,7 @@ const std::map<std::string, Kernel>& kernels() {
       {"half_warp_shuffle", half_warp_shuffle_kernel},
       {"read_shared", read_shared_kernel},
       {"neighbour", neighbour_kernel},
+      {"warp_exchange", warp_exchange_kernel},
       {"write_at", write_at_kernel},
       {"shared_write_at", shared_write_at_kernel},
       {"large_shared", large_shared_kernel},

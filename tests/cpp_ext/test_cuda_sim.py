@@ -137,6 +137,16 @@ def test_a_missing_barrier_shows_up_in_either_direction(sim, memory, direction):
     assert np.isnan(memory.read(out, 2 * n)).sum() >= n - 1
 
 
+def test_syncwarp_orders_shared_memory_within_a_warp(sim, memory):
+    out = memory.floats(64)
+    assert launch(sim, "warp_exchange", out, grid=(1, 1, 1), block=(64, 1, 1), shared=256, arg=1)[0] == SUCCESS
+    np.testing.assert_array_equal(memory.read(out, 64), (np.arange(64) ^ 1).astype(np.float32))
+    assert launch(sim, "warp_exchange", out, grid=(1, 1, 1), block=(64, 1, 1), shared=256, arg=0)[0] == SUCCESS
+    assert np.isnan(memory.read(out, 64)).any()  # without it, a lane reads before its neighbour wrote
+    result = launch(sim, "warp_exchange", out, grid=(1, 1, 1), block=(64, 1, 1), shared=256, arg=2)
+    expect_failure(sim, result, "cudaErrorLaunchFailure", "__syncwarp at selftest.cpp:", "lane 3", "exited")
+
+
 # ---------------------------------------------------------------------------
 # the execution model's errors: the launch fails, the error is sticky
 # ---------------------------------------------------------------------------
