@@ -25,3 +25,8 @@ class ConfigError(EprojError):
 
 class ArrayError(EprojError):
     """An array has the wrong dtype, shape, device or memory layout for where it was passed."""
+
+
+class BundleError(EprojError):
+    """A bundle is missing, tampered with, of another schema version, or its manifest breaks the
+    schema (a field of the wrong type, a non-finite number, a file outside the bundle folder)."""

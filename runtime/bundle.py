@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eproj.bundle import BundleError, load_manifest
+from eproj.bundle import FITS, BundleError, bundle_file, load_manifest
 from eproj.config import ProjectionConfig
+from eproj.errors import ConfigError
 
-FITS = ("none", "resize", "tile")
+__all__ = ["Bundle", "FITS"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,6 @@ class Bundle:
         valid = set(ProjectionConfig.__dataclass_fields__)
         unknown = sorted(set(overrides) - valid)
         if unknown:
-            from eproj.errors import ConfigError
-
             raise ConfigError(f"unknown projection parameter(s) {unknown}; valid: {sorted(valid)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return ProjectionConfig(**values)
@@ -75,7 +76,7 @@ class Bundle:
         entry = self.manifest["graphs"].get(graph)
         if entry is None:
             raise BundleError(f"{self.folder} has no {graph} graph (export with --fp16 for step_fp16)")
-        return self.folder / entry["file"]
+        return bundle_file(self.folder, entry["file"], f"graphs.{graph}.file")
 
     @property
     def weights_path(self) -> Path:
@@ -83,7 +84,7 @@ class Bundle:
         if entry is None:
             raise BundleError(f"{self.folder} carries no weights (model.pt), which the torch backend needs; "
                               "export the bundle again with this eproj")
-        return self.folder / entry["file"]
+        return bundle_file(self.folder, entry["file"], "weights.file")
 
     @property
     def ensemble(self) -> dict[str, Any] | None:
@@ -91,6 +92,42 @@ class Bundle:
         entry = self.manifest.get("ensemble")
         if entry is None:
             return None
-        import json
+        path = bundle_file(self.folder, entry["file"], "ensemble.file")
+        try:
+            model = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise BundleError(f"{path} is not a readable JSON ensemble ({type(exc).__name__}: {str(exc)[:200]})") \
+                from exc
+        return {"model": _check_ensemble(model, path), "threshold": float(entry["threshold"])}
 
-        return {"model": json.loads((self.folder / entry["file"]).read_text()), "threshold": float(entry["threshold"])}
+
+def _check_ensemble(model: Any, path: Path) -> dict[str, Any]:
+    """The fitted ensemble (``eproj.predictors.ensemble_map``'s ``model``) after checking its fields:
+    ``features`` known predictor names, ``mean``, ``scale`` (non-zero) and ``coef`` one finite number
+    per feature, ``intercept`` a finite number. BundleError naming the field otherwise."""
+    from eproj.predictors import PREDICTORS
+
+    def numbers(field: str, count: int | None) -> list[float]:
+        values = model.get(field)
+        if (not isinstance(values, list) or (count is not None and len(values) != count)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in values)):
+            want = f"{count} finite numbers (one per feature)" if count is not None else "finite numbers"
+            raise BundleError(f"{path}: field {field} must be a list of {want}, got {str(values)[:80]}")
+        return values
+
+    if not isinstance(model, dict):
+        raise BundleError(f"{path}: expected a JSON object, got {type(model).__name__}")
+    features = model.get("features")
+    if (not isinstance(features, list) or not features
+            or not all(isinstance(f, str) and f in PREDICTORS for f in features)):
+        raise BundleError(f"{path}: field features must be a non-empty list of predictor names from "
+                          f"{tuple(PREDICTORS)}, got {str(features)[:80]}")
+    for field in ("mean", "scale", "coef"):
+        numbers(field, len(features))
+    if any(v == 0 for v in model["scale"]):
+        raise BundleError(f"{path}: field scale must not contain 0 (it divides), got {model['scale']}")
+    intercept = model.get("intercept")
+    if isinstance(intercept, bool) or not isinstance(intercept, (int, float)) or not math.isfinite(intercept):
+        raise BundleError(f"{path}: field intercept must be a finite number, got {intercept!r}")
+    return model
