@@ -1,6 +1,6 @@
-// Internals of the simulated device shared by the runtime calls (runtime.cpp)
-// and the scheduler (scheduler.cpp): the limits of the simulated GPU and the
-// grid runner.
+// Internals of the simulated device shared by the runtime calls (runtime.cpp,
+// memory.cpp) and the scheduler (scheduler.cpp): the limits of the simulated
+// GPU, the grid runner, the error state.
 #pragma once
 
 #include <cstdint>
@@ -38,5 +38,20 @@ Counters& counters();
 
 // "dssim.cu:73" from a full __FILE__ path and a line.
 std::string describe(Site site);
+
+// Error state (runtime.cpp). fail records `error` as this thread's last error,
+// with what went wrong for cudaGetErrorString, and returns it; sticky_error
+// returns the sticky error (recording it as the last error too), or success;
+// set_sticky makes `error` sticky.
+cudaError_t fail(cudaError_t error, const std::string& what);
+cudaError_t sticky_error();
+void set_sticky(cudaError_t error, const std::string& what);
+// Success for 0, cudaStreamLegacy, cudaStreamPerThread and a stream from
+// cudaStreamCreate; otherwise fails with cudaErrorInvalidResourceHandle.
+cudaError_t check_stream(cudaStream_t stream, const char* call);
+std::string address(const void* pointer);  // "0x7f..."
+
+// Memory (memory.cpp): a write past an allocation, found after a launch; empty when none.
+std::string broken_redzone();
 
 }  // namespace eproj::sim

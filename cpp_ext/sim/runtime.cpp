@@ -1,5 +1,5 @@
-// The runtime calls of the simulated device: errors, device queries, memory,
-// streams, function attributes and the launch checks.
+// The runtime calls of the simulated device: errors, device queries,
+// streams, function attributes and the launch checks (memory: memory.cpp).
 //
 // Error rules, as CUDA documents them: every failing call records its error
 // for cudaGetLastError, which returns it once and resets it
@@ -8,16 +8,7 @@
 // execution-model checks, a write past an allocation) is sticky: from then on
 // the calls that use the device return it, cudaGetLastError included, until
 // the test harness clears it (clear_sticky_error).
-//
-// Memory: every allocation lies between two 256-byte redzones and starts out
-// filled with NaN bytes (0xff), so a read of memory never written shows up as
-// NaN. After each launch the redzones of every allocation are checked: a write
-// past an allocation is cudaErrorIllegalAddress. Copies must stay inside one
-// allocation.
-#include <algorithm>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <set>
@@ -38,18 +29,7 @@ namespace eproj::sim {
 
 namespace {
 
-constexpr std::size_t kRedzone = 256;
-constexpr unsigned char kNanByte = 0xff;
-
-struct Allocation {
-  char* base;          // redzone, user bytes, padding and redzone
-  std::size_t bytes;   // what was asked for
-  std::size_t total;
-};
-
 struct Runtime {
-  std::mutex memory_lock;
-  std::map<std::uintptr_t, Allocation> allocations;  // by the pointer handed out
   std::mutex launch_lock;                             // one grid at a time
   std::mutex state_lock;
   std::set<cudaStream_t> streams;
@@ -83,7 +63,15 @@ const char* plain_description(cudaError_t error) {
   return "unrecognized error code";
 }
 
-// Records `error` for cudaGetLastError with what went wrong; returns it.
+bool known_stream(cudaStream_t stream) {
+  if (stream == nullptr || stream == cudaStreamLegacy || stream == cudaStreamPerThread) return true;
+  Runtime& r = runtime();
+  std::lock_guard<std::mutex> lock(r.state_lock);
+  return r.streams.count(stream) > 0;
+}
+
+}  // namespace
+
 cudaError_t fail(cudaError_t error, const std::string& what) {
   last_error = error;
   described[error] = std::string(plain_description(error)) + "; simulated device: " + what;
@@ -116,110 +104,12 @@ std::string address(const void* pointer) {
   return text;
 }
 
-bool known_stream(cudaStream_t stream) {
-  if (stream == nullptr || stream == cudaStreamLegacy || stream == cudaStreamPerThread) return true;
-  Runtime& r = runtime();
-  std::lock_guard<std::mutex> lock(r.state_lock);
-  return r.streams.count(stream) > 0;
-}
-
 cudaError_t check_stream(cudaStream_t stream, const char* call) {
   if (known_stream(stream)) return cudaSuccess;
   return fail(cudaErrorInvalidResourceHandle, std::string(call) + ": stream " + address(stream) +
                                                   " is neither 0, cudaStreamLegacy, cudaStreamPerThread nor a "
                                                   "stream from cudaStreamCreate");
 }
-
-// The allocation that holds `pointer` (memory_lock held); null when none.
-const Allocation* find_allocation(const void* pointer, std::uintptr_t* start) {
-  Runtime& r = runtime();
-  const auto p = reinterpret_cast<std::uintptr_t>(pointer);
-  auto it = r.allocations.upper_bound(p);
-  if (it == r.allocations.begin()) return nullptr;
-  --it;
-  if (p >= it->first + std::max<std::size_t>(it->second.bytes, 1)) return nullptr;
-  *start = it->first;
-  return &it->second;
-}
-
-// Whether [pointer, pointer + bytes) lies in one allocation; else records why not.
-cudaError_t check_device_range(const void* pointer, std::size_t bytes, const char* call, const char* role) {
-  Runtime& r = runtime();
-  std::lock_guard<std::mutex> lock(r.memory_lock);
-  std::uintptr_t start = 0;
-  const Allocation* a = find_allocation(pointer, &start);
-  if (a == nullptr)
-    return fail(cudaErrorInvalidValue, std::string(call) + ": the " + role + " " + address(pointer) +
-                                           " is not memory of the simulated device");
-  const auto offset = reinterpret_cast<std::uintptr_t>(pointer) - start;
-  if (offset + bytes > a->bytes)
-    return fail(cudaErrorInvalidValue, std::string(call) + ": " + std::to_string(bytes) + " bytes at " +
-                                           role + " " + address(pointer) + " run past the end of its " +
-                                           std::to_string(a->bytes) + "-byte allocation (offset " +
-                                           std::to_string(offset) + ")");
-  return cudaSuccess;
-}
-
-bool is_device_pointer(const void* pointer) {
-  Runtime& r = runtime();
-  std::lock_guard<std::mutex> lock(r.memory_lock);
-  std::uintptr_t start = 0;
-  return find_allocation(pointer, &start) != nullptr;
-}
-
-// A write past an allocation, found after a launch; empty when none.
-std::string broken_redzone() {
-  Runtime& r = runtime();
-  std::lock_guard<std::mutex> lock(r.memory_lock);
-  for (const auto& [start, a] : r.allocations) {
-    const auto* user = reinterpret_cast<const unsigned char*>(start);
-    const auto* base = reinterpret_cast<const unsigned char*>(a.base);
-    for (const unsigned char* q = base; q < user; ++q)
-      if (*q != kNanByte)
-        return "a write " + std::to_string(user - q) + " bytes before the " + std::to_string(a.bytes) +
-               "-byte allocation at " + address(user);
-    for (const unsigned char* q = user + a.bytes; q < base + a.total; ++q)
-      if (*q != kNanByte)
-        return "a write " + std::to_string(q - user - a.bytes) + " bytes past the end of the " +
-               std::to_string(a.bytes) + "-byte allocation at " + address(user);
-  }
-  return "";
-}
-
-cudaError_t allocate(void** pointer, std::size_t bytes, const char* call) {
-  if (pointer == nullptr) return fail(cudaErrorInvalidValue, std::string(call) + ": the result pointer is null");
-  if (cudaError_t e = sticky_error()) return e;
-  *pointer = nullptr;
-  if (bytes == 0) return cudaSuccess;
-  const std::size_t padded = (bytes + kRedzone - 1) / kRedzone * kRedzone;
-  const std::size_t total = kRedzone + padded + kRedzone;
-  auto* base = static_cast<char*>(std::aligned_alloc(kRedzone, total));
-  if (base == nullptr)
-    return fail(cudaErrorMemoryAllocation, std::string(call) + ": " + std::to_string(bytes) + " bytes");
-  std::memset(base, kNanByte, total);
-  Runtime& r = runtime();
-  std::lock_guard<std::mutex> lock(r.memory_lock);
-  r.allocations[reinterpret_cast<std::uintptr_t>(base + kRedzone)] = Allocation{base, bytes, total};
-  *pointer = base + kRedzone;
-  return cudaSuccess;
-}
-
-cudaError_t release(void* pointer, const char* call) {
-  if (pointer == nullptr) return cudaSuccess;
-  Runtime& r = runtime();
-  {
-    std::lock_guard<std::mutex> lock(r.memory_lock);
-    auto it = r.allocations.find(reinterpret_cast<std::uintptr_t>(pointer));
-    if (it == r.allocations.end())
-      return fail(cudaErrorInvalidValue, std::string(call) + ": " + address(pointer) +
-                                             " is not the start of an allocation of the simulated device");
-    std::free(it->second.base);  // freed even with a sticky error: the harness goes on after one
-    r.allocations.erase(it);
-  }
-  return sticky_error();
-}
-
-}  // namespace
 
 // ---------------------------------------------------------------------------
 // what the harness (sim_bindings.cpp) needs beyond the runtime API
@@ -231,12 +121,6 @@ void clear_sticky_error() {
   r.sticky = cudaSuccess;
   r.sticky_message.clear();
   last_error = cudaSuccess;
-}
-
-std::int64_t allocation_count() {
-  Runtime& r = runtime();
-  std::lock_guard<std::mutex> lock(r.memory_lock);
-  return static_cast<std::int64_t>(r.allocations.size());
 }
 
 // ---------------------------------------------------------------------------
@@ -414,75 +298,6 @@ cudaError_t cudaFuncSetAttribute(const void* function, cudaFuncAttribute attribu
   }
   return fail(cudaErrorInvalidValue, "cudaFuncSetAttribute: attribute " + std::to_string(attribute) +
                                          " is not simulated");
-}
-
-// ---------------------------------------------------------------------------
-// memory
-// ---------------------------------------------------------------------------
-
-cudaError_t cudaMalloc(void** pointer, std::size_t bytes) { return eproj::sim::allocate(pointer, bytes, "cudaMalloc"); }
-
-cudaError_t cudaFree(void* pointer) { return eproj::sim::release(pointer, "cudaFree"); }
-
-cudaError_t cudaMallocAsync(void** pointer, std::size_t bytes, cudaStream_t stream) {
-  if (cudaError_t e = eproj::sim::check_stream(stream, "cudaMallocAsync")) return e;
-  return eproj::sim::allocate(pointer, bytes, "cudaMallocAsync");
-}
-
-cudaError_t cudaFreeAsync(void* pointer, cudaStream_t stream) {
-  if (cudaError_t e = eproj::sim::check_stream(stream, "cudaFreeAsync")) return e;
-  return eproj::sim::release(pointer, "cudaFreeAsync");
-}
-
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
-  using namespace eproj::sim;
-  if (cudaError_t e = check_stream(stream, "cudaMemcpyAsync")) return e;
-  if (cudaError_t e = sticky_error()) return e;
-  if (kind < cudaMemcpyHostToHost || kind > cudaMemcpyDefault)
-    return fail(cudaErrorInvalidValue, "cudaMemcpy: kind " + std::to_string(kind) + " is not a cudaMemcpyKind");
-  if (bytes == 0) return cudaSuccess;
-  if (kind == cudaMemcpyDefault)
-    kind = is_device_pointer(dst) ? (is_device_pointer(src) ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice)
-                                  : (is_device_pointer(src) ? cudaMemcpyDeviceToHost : cudaMemcpyHostToHost);
-  const bool dst_device = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
-  const bool src_device = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
-  if (dst_device) {
-    if (cudaError_t e = check_device_range(dst, bytes, "cudaMemcpy", "destination")) return e;
-  } else if (is_device_pointer(dst)) {
-    return fail(cudaErrorInvalidValue, "cudaMemcpy: the destination " + address(dst) +
-                                           " is device memory, but the kind says host");
-  }
-  if (src_device) {
-    if (cudaError_t e = check_device_range(src, bytes, "cudaMemcpy", "source")) return e;
-  } else if (is_device_pointer(src)) {
-    return fail(cudaErrorInvalidValue, "cudaMemcpy: the source " + address(src) +
-                                           " is device memory, but the kind says host");
-  }
-  std::memmove(dst, src, bytes);
-  return cudaSuccess;
-}
-
-cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind) {
-  return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
-}
-
-cudaError_t cudaMemset(void* pointer, int value, std::size_t bytes) {
-  using namespace eproj::sim;
-  if (cudaError_t e = sticky_error()) return e;
-  if (bytes == 0) return cudaSuccess;
-  if (cudaError_t e = check_device_range(pointer, bytes, "cudaMemset", "destination")) return e;
-  std::memset(pointer, value, bytes);
-  return cudaSuccess;
-}
-
-cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const void* pointer) {
-  if (attributes == nullptr) return fail(cudaErrorInvalidValue, "cudaPointerGetAttributes: null attributes");
-  const bool device = eproj::sim::is_device_pointer(pointer);
-  attributes->type = device ? cudaMemoryTypeDevice : cudaMemoryTypeUnregistered;
-  attributes->device = device ? 0 : -2;
-  attributes->devicePointer = device ? const_cast<void*>(pointer) : nullptr;
-  attributes->hostPointer = device ? nullptr : const_cast<void*>(pointer);
-  return cudaSuccess;
 }
 
 // ---------------------------------------------------------------------------
