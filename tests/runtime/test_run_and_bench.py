@@ -1,5 +1,7 @@
 """eproj run and eproj bench end to end: a folder with a broken image, a video
-made by OpenCV, a run killed half-way, a camera that drops out."""
+made by OpenCV, a run killed half-way and resumed, bad sources, folders and
+bundles on the command line. (The sources' own cases are in test_sources.py,
+run's bookkeeping with a stand-in inspector in test_run_stream.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import pytest
 
 from conftest import texture
 from eproj.cli import main
-from eproj.runtime.sources import _camera
 
 
 def _images(folder: Path, n: int, size: int = 32) -> list[str]:
@@ -29,7 +30,7 @@ def _images(folder: Path, n: int, size: int = 32) -> list[str]:
         if i % 3 == 1:
             image[8:16, 8:20] = 10
         cv2.imwrite(str(folder / f"part{i:03d}.png"), image)
-        names.append(f"part{i:03d}")
+        names.append(f"part{i:03d}.png")
     return names
 
 
@@ -44,14 +45,14 @@ def test_folder_with_a_broken_image(bundles, tmp_path, capsys):
     assert main(["run", str(bundles["l2ae"][1]), "--backend", "onnxruntime", "--max-iters", "3",
                  "--source", str(tmp_path / "in"), "--out", str(out)]) == 0
     lines = _lines(out / "results.jsonl")
-    assert [line["name"] for line in lines] == sorted(names + ["broken"])
-    broken = next(line for line in lines if line["name"] == "broken")
+    assert [line["name"] for line in lines] == sorted(names + ["broken.png"])
+    broken = next(line for line in lines if line["name"] == "broken.png")
     assert "not a readable image" in broken["error"]
-    assert "skipped broken" in capsys.readouterr().err
+    assert "skipped broken.png" in capsys.readouterr().err
     for line in lines:
         if "error" in line:
             continue
-        assert set(line) >= {"score", "defect", "iterations", "latency_ms"}
+        assert set(line) >= {"score", "defect", "failed", "reason", "iterations", "latency_ms"}
         mask = cv2.imread(str(out / "masks" / f"{line['name']}.png"), cv2.IMREAD_GRAYSCALE)
         picture = cv2.imread(str(out / "overlays" / f"{line['name']}.jpg"))
         assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
@@ -94,31 +95,11 @@ def test_a_run_stopped_half_way_leaves_valid_files(bundles, tmp_path, how):
         assert cv2.imread(str(out / "overlays" / f"{line['name']}.jpg")) is not None
     finished = [p for p in (out / "masks").iterdir() if not p.name.endswith(".tmp")]
     assert all(cv2.imread(str(p)) is not None for p in finished)
-
-
-def test_a_camera_that_drops_out_is_reopened_with_back_off():
-    class FakeCamera:
-        script = [True, False, False, True, True]  # what successive reads return across reopenings
-
-        def __init__(self, index):
-            self.open = True
-
-        def isOpened(self):
-            return self.open
-
-        def read(self):
-            ok = FakeCamera.script.pop(0) if FakeCamera.script else True
-            return ok, (np.zeros((8, 8, 3), np.uint8) if ok else None)
-
-        def release(self):
-            self.open = False
-
-    sleeps = []
-    frames = _camera(0, gray=True, sleep=sleeps.append, open_capture=FakeCamera)
-    got = [next(frames) for _ in range(5)]
-    assert [f.image is not None for f in got] == [True, False, False, True, True]
-    assert sleeps == [0.25, 0.5]  # doubled while it kept failing
-    assert got[1].error.startswith("camera 0 delivered no frame") and got[3].image.shape == (8, 8)
+    if how == signal.SIGKILL:  # the same command resumes: every input once, none twice
+        assert main(["run", str(bundles["l2ae"][1]), "--backend", "onnxruntime", "--max-iters", "1",
+                     "--source", str(tmp_path / "in"), "--out", str(out)]) == 0
+        names = [line["name"] for line in _lines(results)]
+        assert sorted(names) == sorted(set(names)) and len(names) == 150
 
 
 def test_bad_sources_and_show_without_a_gui(bundles, tmp_path, capsys):
@@ -126,8 +107,9 @@ def test_bad_sources_and_show_without_a_gui(bundles, tmp_path, capsys):
     assert main(["run", bundle, "--backend", "onnxruntime", "--source", str(tmp_path / "nothing*"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "is no camera:N, video file, image folder or matching glob" in capsys.readouterr().err
-    assert main(["run", bundle, "--backend", "onnxruntime", "--source", "camera:x", "--out", str(tmp_path)]) == 2
-    assert "a camera source looks like camera:0" in capsys.readouterr().err
+    for camera in ("camera:x", "camera:-1"):
+        assert main(["run", bundle, "--backend", "onnxruntime", "--source", camera, "--out", str(tmp_path)]) == 2
+        assert "camera:N with N a camera index >= 0" in capsys.readouterr().err
     _images(tmp_path / "in", 1)
     try:
         cv2.namedWindow("probe")
@@ -149,3 +131,65 @@ def test_bench_writes_latency_rows_beside_the_reference(bundles, tmp_path):
         assert row["p50_ms"] <= row["p99_ms"] and row["fps"] > 0 and row["iterations"] == 2
         assert set(row["stages_ms"]) == {"preprocess", "iterations", "dssim", "postprocess"}
         assert row["reference_eager_autograd"]["available"] and row["speedup_vs_reference"] > 0
+
+
+def _run_args(bundle, tmp_path, *extra):
+    return ["run", str(bundle), "--backend", "onnxruntime", "--max-iters", "1", "--source", str(tmp_path / "in"),
+            "--out", str(tmp_path / "out"), *extra]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("out is a file", "is a file; eproj run needs a folder there"),
+    ("bundle is missing", "is not a bundle"),
+    ("bundle is a file", "is not a bundle"),
+    ("threads 1000", "argument --threads: at most"),
+    ("threads after the subcommand 1000", "argument --threads: at most"),
+    ("max-iters 1.5", "argument --max-iters: expected an integer >= 1"),
+    ("lam nan", "argument --lam: expected a finite number"),
+    ("alpha inf", "argument --alpha: expected a finite number"),
+    ("alpha -1", "argument --alpha: expected a number > 0"),
+    ("max-pixels 0", "argument --max-pixels: expected an integer >= 1"),
+])
+def test_bad_run_arguments_are_clear_errors(bundles, tmp_path, capsys, case, expected):
+    _images(tmp_path / "in", 1)
+    bundle = bundles["l2ae"][1]
+    argv = _run_args(bundle, tmp_path)
+    if case == "out is a file":
+        (tmp_path / "out").write_text("")
+    elif case == "bundle is missing":
+        argv[1] = str(tmp_path / "no-bundle")
+    elif case == "bundle is a file":
+        (tmp_path / "file-bundle").write_text("")
+        argv[1] = str(tmp_path / "file-bundle")
+    elif case.startswith("threads after"):
+        argv.insert(1, "--threads=1000")
+    elif case.startswith("threads"):
+        argv.insert(0, "--threads=1000")
+    else:
+        option, value = case.split()
+        argv += [f"--{option}", value]
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse
+        status = exit.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_threads_after_the_subcommand_reach_the_runtime(bundles, tmp_path, monkeypatch):
+    _images(tmp_path / "in", 1)
+    seen = {}
+    import eproj.runtime.cli as run_cli
+
+    real = run_cli.Inspector.from_bundle
+
+    def spy(*args, **kwargs):
+        seen["threads"] = kwargs["threads"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_cli.Inspector, "from_bundle", spy)
+    assert main(_run_args(bundles["l2ae"][1], tmp_path, "--threads", "1")) == 0
+    assert seen["threads"] == 1
+    assert main(["--threads", "2"] + _run_args(bundles["l2ae"][1], tmp_path, "--restart")) == 0
+    assert seen["threads"] == 2
