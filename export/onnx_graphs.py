@@ -35,7 +35,7 @@ from eproj.bundle import write_manifest
 from eproj.errors import ConfigError
 from eproj.export.operators import ALLOWED_OPS
 from eproj.export.step import StepModule
-from eproj.train.checkpoint import TrainedModel, load_model, save_model
+from eproj.train.checkpoint import TrainedModel, check_calibration, load_model, save_model
 from eproj.train.data import fit_of
 from eproj.train.models import Autoencoder
 
@@ -122,6 +122,16 @@ class ExportError(ConfigError):
     """A graph cannot be exported faithfully (e.g. its float16 version overflows)."""
 
 
+def check_finite_weights(model: nn.Module, path: Path) -> None:
+    """ExportError naming the weights of ``model`` (loaded from ``path``) that hold NaN or Inf: their
+    graphs would answer NaN for every frame, which no threshold flags."""
+    bad = [f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+           for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ExportError(f"{path}: refusing to export a model with non-finite weights: {', '.join(bad[:4])}"
+                          f"{' and more' if len(bad) > 4 else ''} (a diverged or damaged run)")
+
+
 def _test_images(channels: int, size: int, batch: int = 8) -> np.ndarray:
     """(batch, C, S, S) float32 seeded images: half uniform noise, half smooth random fields."""
     import cv2
@@ -194,6 +204,8 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
     from eproj.bundle import remove_engines  # engines built from the graphs replaced here are stale
     remove_engines(out)
     model = trained.model.float().eval()
+    check_finite_weights(model, trained.path)
+    check_calibration(trained.calibration, trained.path)
     cfg = model.config
     x = torch.rand(2, cfg.channels, cfg.size, cfg.size)
     variational = cfg.variational
