@@ -1,13 +1,15 @@
 """The ``eproj`` command line.
 
-Subcommands import their stage lazily, so the runtime's commands work where
-torch is not installed.
+Subcommands import their stage lazily, so the runtime's commands (run, bench)
+work where torch is not installed, and the others say which extra to install.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -15,10 +17,83 @@ from eproj import __version__
 from eproj.errors import EprojError
 
 
+DESCRIPTION = ("eproj finds defects on parts without ever seeing a defect. It trains an autoencoder on "
+               "images of good parts, projects each inspected image onto the closest image of a good part "
+               "(iterative energy-based projection, Dehaene et al. 2020), and marks the pixels that had to "
+               "change. Train and export on a workstation (pip install 'eproj[train]'); inspect frames on "
+               "the line with `eproj run` (pip install eproj).")
+# which extra installs a missing module the training side needs
+TRAIN_MODULES = {"torch": "PyTorch", "sklearn": "scikit-learn", "skimage": "scikit-image", "onnx": "ONNX"}
+THREADS_PER_CORE = 4  # --threads is bounded by this many threads per core this process may use
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """A finite number: NaN and infinities are refused where they enter."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _threads(text: str) -> int:
+    """--threads: 0 (every core) up to THREADS_PER_CORE per available core."""
+    value = _nonnegative_int(text)
+    bound = THREADS_PER_CORE * available_cores()
+    if value > bound:
+        raise argparse.ArgumentTypeError(
+            f"at most {bound} threads ({THREADS_PER_CORE} per core; this process may use {available_cores()} "
+            f"cores), got {value}")
+    return value
+
+
+OPSETS = range(14, 21)  # the ONNX opsets torch's exporter writes and our graphs' operators exist in
+
+
+def _opset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ONNX opset number, got {text!r}") from None
+    if value not in OPSETS:
+        raise argparse.ArgumentTypeError(f"expected an ONNX opset from {OPSETS[0]} to {OPSETS[-1]}, got {value}")
     return value
 
 
@@ -51,7 +126,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train_config = TrainConfig(data=args.data, **_given(steps=args.steps, batch=args.batch, lr=args.lr,
                                                         seed=args.seed, checkpoint_every=args.checkpoint_every,
                                                         weights=args.weights, kl_warmup=args.kl_warmup,
-                                                        regime=args.regime, corruption=args.corruption))
+                                                        regime=args.regime, corruption=args.corruption,
+                                                        fit=args.fit))
     out = train(args.out, model_config, train_config, calibrate_after=not args.no_calibrate)
     print(f"wrote {out}")
     return 0
@@ -195,7 +271,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _set_threads(args)  # torch's: the reference row's threads
     result = bench(args.bundle, backend=args.backend, device=args.device, batches=args.batch, iters=args.iters,
                    size=args.size, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                   precision=args.precision, reference=None if args.no_reference else eager_reference)
+                   precision=args.precision, reference=None if args.no_reference else eager_reference,
+                   progress=True)
     text = json.dumps(result, indent=2)
     write_atomic(Path(args.json), (text + "\n").encode())
     print(f"{'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'fps':>8} {'reference p50':>14} {'speed-up':>9}")
@@ -209,160 +286,229 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+THREADS_HELP = ("CPU threads of torch and of the runtime's ONNX Runtime sessions and loops, before or after "
+                "the subcommand [0: every core]; at most 4 per available core")
+
+
+def _threads_option(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """--threads, on the top-level parser and on every subcommand (where it overrides the top-level one)."""
+    p.add_argument("--threads", type=_threads, default=None if top else argparse.SUPPRESS, metavar="N",
+                   help=THREADS_HELP)
+
+
 def _runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="a bundle folder (eproj export)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch", "tensorrt"), default="auto",
-                   help="auto: TensorRT, then torch on CUDA, then ONNX Runtime on the CPU")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="for onnxruntime and torch")
+                   help="[auto]: TensorRT, then torch on CUDA, then ONNX Runtime on the CPU")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="for onnxruntime and torch [the backend's: cuda where it can run, else cpu]")
     p.add_argument("--precision", choices=("fp32", "fp16"), default=None,
                    help="onnxruntime and tensorrt [fp32]: fp16 runs step_fp16 (export --fp16) or an fp16 engine")
     p.add_argument("--method", choices=("projection", "reconstruction", "ensemble"), default="projection",
-                   help="ensemble: the bundle's predictor ensemble (export --ensemble)")
-    p.add_argument("--fit", choices=("none", "resize", "tile"), default=None, help="default: the bundle's")
+                   help="[projection]; reconstruction: the baseline f(x0); "
+                        "ensemble: the bundle's predictor ensemble (export --ensemble)")
+    p.add_argument("--fit", choices=("none", "resize", "tile"), default=None,
+                   help="how a frame meets the model size [the bundle's: tile for textures, resize for objects]")
 
 
-def _projection_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-iters", type=int, default=None, help="iteration cap (default: the bundle's)")
-    p.add_argument("--alpha", type=float, default=None, help="step size")
-    p.add_argument("--lam", type=float, default=None, help="weight of ||x - x0||_1")
-    p.add_argument("--step", choices=("plain", "adam"), default=None)
-    p.add_argument("--weighting", choices=("hadamard", "none"), default=None)
-    p.add_argument("--energy-tol", type=float, default=None)
-    p.add_argument("--stop-threshold", type=float, default=None, help="default: the bundle's")
+def _projection_options(p: argparse.ArgumentParser, where: str) -> None:
+    """The projection's parameters; unset ones keep ``where``'s (the bundle's or the model's)."""
+    p.add_argument("--max-iters", type=_positive_int, default=None, help=f"iteration cap [{where}; 100]")
+    p.add_argument("--alpha", type=_positive_float, default=None, help=f"step size [{where}; 0.5]")
+    p.add_argument("--lam", type=_finite_float, default=None, help=f"weight of ||x - x0||_1 [{where}; 0.05]")
+    p.add_argument("--step", choices=("plain", "adam"), default=None, help=f"[{where}; plain]")
+    p.add_argument("--weighting", choices=("hadamard", "none"), default=None,
+                   help=f"how the energy's gradient is weighted [{where}; hadamard]")
+    p.add_argument("--energy-tol", type=_finite_float, default=None,
+                   help=f"stop a sample when its relative energy change falls under this [{where}; 0: off]")
+    p.add_argument("--stop-threshold", type=_finite_float, default=None,
+                   help=f"stop a sample when Lr falls under this [{where}: the training-set minimum of Lr]")
+
+
+def _subcommand(sub: argparse._SubParsersAction, name: str, help: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand parser with its help as description and --threads."""
+    p = sub.add_parser(name, help=help, description=description or help)
+    _threads_option(p)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eproj", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--version", action="version", version=f"eproj {__version__}")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from eproj.runtime.sources import DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_MAX_PIXELS
 
-    p = sub.add_parser("train", help="train an autoencoder on normal images")
+    parser = argparse.ArgumentParser(prog="eproj", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"eproj {__version__}")
+    _threads_option(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _subcommand(sub, "train", "train an autoencoder on normal images (needs eproj[train])")
     p.add_argument("--data", required=True, help="textures:NAME|PATH, mvtec:PATH/CATEGORY or folder:PATH")
-    p.add_argument("--model", required=True, choices=("l2ae", "dsae", "vae", "gvae"))
+    p.add_argument("--model", required=True, choices=("l2ae", "dsae", "vae", "gvae"), help="the model family")
     # Options left unset keep the defaults of ModelConfig and TrainConfig (the values in brackets),
     # so that `eproj train` and `eproj demo --train` cannot drift apart.
-    p.add_argument("--beta", type=float, default=None, help="KL weight of the vae family [1; 1 = VAE]")
-    p.add_argument("--decoder-variance", type=float, default=None,
+    p.add_argument("--beta", type=_finite_float, default=None, help="KL weight of the vae family [1; 1 = VAE]")
+    p.add_argument("--decoder-variance", type=_positive_float, default=None,
                    help="fixed variance of the vae family's Gaussian decoder [0.01]")
     p.add_argument("--latent", type=_positive_int, default=None, help="latent size d [100]")
     p.add_argument("--size", type=_positive_int, default=128, help="input size [128]")
     p.add_argument("--arch", choices=("bergmann", "zimmerer"), default=None,
-                   help="default: zimmerer for --size 64, bergmann otherwise")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: the data's")
-    p.add_argument("--steps", type=int, default=None, help="[10000]")
-    p.add_argument("--batch", type=_positive_int, default=None, help="[16]")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate [1e-4]")
-    p.add_argument("--seed", type=int, default=None, help="[0]")
-    p.add_argument("--kl-warmup", type=int, default=None,
+                   help="[zimmerer for --size 64, bergmann otherwise]")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="[the data's]")
+    p.add_argument("--steps", type=_nonnegative_int, default=None,
+                   help="training steps [10000]; a larger value extends a finished run")
+    p.add_argument("--batch", type=_positive_int, default=None, help="images per step [16]")
+    p.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate [1e-4]")
+    p.add_argument("--seed", type=_nonnegative_int, default=None, help="seed of the weights and the batches [0]")
+    p.add_argument("--kl-warmup", type=_nonnegative_int, default=None,
                    help="steps over which the KL weight of vae/gvae ramps from 0 to 1 [2000; 0: none]")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="[250]")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None,
+                   help="steps between checkpoints [250]; may change when resuming")
     p.add_argument("--weights", choices=("float32", "float16"), default=None,
-                   help="dtype of the weights in model.pt [float32]; float16 halves its size")
+                   help="dtype of the weights in model.pt [float32]; float16 halves its size; may change when "
+                        "resuming")
     p.add_argument("--regime", choices=("plain", "corrupt"), default=None,
                    help="plain: reconstruct the input; corrupt: reconstruct it from a partly corrupted copy [plain]")
     p.add_argument("--corruption", choices=("patches", "cevae"), default=None,
                    help="corrupt regime: patches (noise, foreign, shuffled, deformed regions) or cevae "
                         "(the context-encoding VAE: noise squares beside the plain loss) [patches]")
+    p.add_argument("--fit", choices=("tile", "resize"), default=None,
+                   help="tile: texture data (working side 512, random crops, tested by tiling); resize: objects "
+                        "[textures: and MVTec texture categories tile, the rest resize]")
     p.add_argument("--no-calibrate", action="store_true", help="stop after training; skip model.pt")
-    p.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
+    p.add_argument("--out", required=True,
+                   help="run directory. If it holds a checkpoint, the run resumes; every option must then be "
+                        "the one it started with, except --steps, --checkpoint-every and --weights")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("calibrate", help="recompute a run's Lr statistics and thresholds (writes model.pt)")
-    p.add_argument("run")
-    p.add_argument("--data", default=None, help="default: the data the run trained on")
+    p = _subcommand(sub, "calibrate", "recompute a run's Lr statistics and thresholds (writes model.pt; "
+                                      "needs eproj[train])")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", default=None, help="[the data the run trained on]")
     p.set_defaults(func=_cmd_calibrate)
 
-    p = sub.add_parser("eval", help="evaluate a trained model on a test set")
+    p = _subcommand(sub, "eval", "evaluate a trained model on a test set (needs eproj[train])")
     p.add_argument("run", help="run directory or model.pt")
-    p.add_argument("--data", default=None, help="default: the data the run trained on")
+    p.add_argument("--data", default=None, help="[the data the run trained on]")
     p.add_argument("--method", choices=("reconstruction", "projection") + PREDICTOR_METHODS, default="projection",
                    help="reconstruction or projection (DSSIM maps), or a pixel-wise predictor, or their ensemble "
-                        "(fitted on 10%% of the test images, scored on the rest)")
-    p.add_argument("--max-iters", type=_positive_int, default=None, help="iteration cap (default 100)")
-    p.add_argument("--alpha", type=float, default=None, help="step size (default 0.5)")
-    p.add_argument("--lam", type=float, default=None, help="weight of ||x - x0||_1 (default 0.05)")
-    p.add_argument("--step", choices=("plain", "adam"), default=None, help="default plain")
-    p.add_argument("--weighting", choices=("hadamard", "none"), default=None, help="default hadamard")
-    p.add_argument("--energy-tol", type=float, default=None,
-                   help="stop a sample when its relative energy change falls under this (default 0: off)")
-    p.add_argument("--stop-threshold", type=float, default=None,
-                   help="stop a sample when Lr falls under this (default: the training-set minimum)")
+                        "(fitted on 10%% of the test images, scored on the rest) [projection]")
+    _projection_options(p, "the model's")
     p.add_argument("--json", required=True, help="where to write the metrics")
-    p.add_argument("--save-maps", default=None, help="folder for per-image maps (.npy) and masks (.png)")
+    p.add_argument("--save-maps", default=None, help="folder for per-image maps (.npy) and masks (.png) [none]")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("report", help="every anomaly map of several models on their test sets: JSON and Markdown")
+    p = _subcommand(sub, "report", "every anomaly map of several models on their test sets: JSON and Markdown "
+                                   "(needs eproj[train])")
     p.add_argument("models", nargs="+", help="model.pt files or run directories")
-    p.add_argument("--data", default=None, help="default: each model's training data")
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=None, help="[each model's training data]")
+    p.add_argument("--out", required=True, help="folder for report.json and report.md")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("sweep", help="train one model per value of beta or the latent size, then report them")
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", choices=("vae", "gvae", "l2ae", "dsae"), default="vae")
-    p.add_argument("--parameter", choices=("beta", "latent"), required=True)
-    p.add_argument("--values", type=_floats, required=True, help="e.g. 0.1,0.5,1,2,10")
-    p.add_argument("--steps", type=_positive_int, default=12000)
-    p.add_argument("--size", type=_positive_int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--out", required=True)
+    p = _subcommand(sub, "sweep", "train one model per value of beta or the latent size, then report them "
+                                  "(needs eproj[train])")
+    p.add_argument("--data", required=True, help="textures:NAME|PATH, mvtec:PATH/CATEGORY or folder:PATH")
+    p.add_argument("--model", choices=("vae", "gvae", "l2ae", "dsae"), default="vae", help="the family [vae]")
+    p.add_argument("--parameter", choices=("beta", "latent"), required=True, help="what varies")
+    p.add_argument("--values", type=_floats, required=True, help="its values, e.g. 0.1,0.5,1,2,10")
+    p.add_argument("--steps", type=_positive_int, default=12000, help="training steps per model [12000]")
+    p.add_argument("--size", type=_positive_int, default=128, help="input size [128]")
+    p.add_argument("--lr", type=_positive_float, default=2e-4, help="Adam learning rate [0.0002]")
+    p.add_argument("--out", required=True, help="folder for the runs, sweep.json and sweep.md")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("export", help="write a bundle: ONNX encoder, decoder, step graph and manifest")
+    p = _subcommand(sub, "export", "write a bundle: ONNX encoder, decoder, step graph and manifest "
+                                   "(needs eproj[train])")
     p.add_argument("run", help="run directory or model.pt")
     p.add_argument("--out", required=True, help="bundle folder")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=_opset, default=17,
+                   help=f"ONNX opset of the graphs, {OPSETS[0]} to {OPSETS[-1]} [17]")
     p.add_argument("--fp16", action="store_true", help="also write step_fp16.onnx and measure its error")
     p.add_argument("--ensemble", default=None,
-                   help="the JSON of `eproj eval --method ensemble`: store its fitted ensemble in the bundle")
+                   help="the JSON of `eproj eval --method ensemble`: store its fitted ensemble in the bundle [none]")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("build-engine", help="build TensorRT engines from a bundle (needs TensorRT 10 or 11 and an NVIDIA GPU)")
-    p.add_argument("bundle")
+    p = _subcommand(sub, "build-engine", "build TensorRT engines from a bundle (needs TensorRT 10 or 11 and an "
+                                         "NVIDIA GPU)")
+    p.add_argument("bundle", help="a bundle folder (eproj export); the engines are written into it")
     p.add_argument("--fp16", action="store_true", help="build step_fp16.engine from step_fp16.onnx (export --fp16)")
-    p.add_argument("--min-batch", type=_positive_int, default=1)
-    p.add_argument("--opt-batch", type=_positive_int, default=8)
-    p.add_argument("--max-batch", type=_positive_int, default=32)
-    p.add_argument("--workspace-mb", type=_positive_int, default=1024)
+    p.add_argument("--min-batch", type=_positive_int, default=1, help="smallest batch the engines take [1]")
+    p.add_argument("--opt-batch", type=_positive_int, default=8, help="batch TensorRT tunes for [8]")
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="largest batch the engines take [32]")
+    p.add_argument("--workspace-mb", type=_positive_int, default=1024,
+                   help="TensorRT's scratch memory limit in MiB [1024]")
     p.add_argument("--tf32", action="store_true", help="let fp32 engines use TF32 (off: they match ONNX Runtime)")
     p.set_defaults(func=_cmd_build_engine)
 
-    p = sub.add_parser("run", help="inspect frames from a camera, video, folder or glob with a bundle")
+    p = _subcommand(sub, "run", "inspect frames from a camera, video, folder or glob with a bundle",
+                    "Inspect frames with a bundle. Writes masks/, overlays/ and results.jsonl into --out. A rerun "
+                    "into the same --out resumes: inputs already recorded in results.jsonl are skipped "
+                    "(--restart starts over). An unreadable input is recorded and skipped; the run goes on.")
     _runtime_options(p)
-    _projection_options(p)
-    p.add_argument("--source", required=True, help="camera:N, a video file, an image folder or a glob")
+    _projection_options(p, "the bundle's")
+    p.add_argument("--source", required=True,
+                   help="camera:N (N >= 0), a video file, an image folder (regular files only) or a glob")
     p.add_argument("--out", required=True, help="folder for masks/, overlays/ and results.jsonl")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: empty results.jsonl first (default: resume, skipping the inputs it records)")
     p.add_argument("--show", action="store_true", help="show each overlay in a window (q quits)")
-    p.add_argument("--max-frames", type=_positive_int, default=None, help="stop after this many frames")
+    p.add_argument("--max-frames", type=_positive_int, default=None,
+                   help="stop after inspecting or skipping this many frames in this run [no limit]; inputs "
+                        "already recorded and a camera's reconnection attempts do not count")
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse (record and skip) an image file larger than this many pixels, read from its "
+                        f"header before decoding [{DEFAULT_MAX_PIXELS}]")
+    p.add_argument("--first-frame-timeout", type=_positive_float, default=DEFAULT_FIRST_FRAME_TIMEOUT,
+                   help=f"seconds a camera may take to deliver its first frame before the run stops with an "
+                        f"error [{DEFAULT_FIRST_FRAME_TIMEOUT:g}]; later drop-outs are retried with back-off")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("bench", help="latency of the runtime against the eager-autograd reference")
+    p = _subcommand(sub, "bench", "latency of the runtime against the eager-autograd reference")
     _runtime_options(p)
     p.add_argument("--batch", type=_batches, default=(1, 8, 32), help="batch sizes [1,8,32]")
-    p.add_argument("--iters", type=int, default=30, help="iterations per frame, all run [30]")
+    p.add_argument("--iters", type=_positive_int, default=30, help="iterations per frame, all run [30]")
     p.add_argument("--size", type=_positive_int, default=None, help="frame side [the model's]")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=_positive_int, default=20)
-    p.add_argument("--no-reference", action="store_true", help="skip the eager-autograd row")
-    p.add_argument("--json", required=True)
+    p.add_argument("--warmup", type=_nonnegative_int, default=3, help="untimed calls per batch size first [3]")
+    p.add_argument("--repeats", type=_positive_int, default=20, help="timed calls per batch size [20]")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the eager-autograd row (it needs eproj[train]; without torch it is skipped)")
+    p.add_argument("--json", required=True, help="where to write the latency rows")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("demo", help="reconstruction vs projection on the embedded textures")
-    p.add_argument("--out", default="demo-out")
+    p = _subcommand(sub, "demo", "reconstruction vs projection on the embedded textures (needs eproj[train])")
+    p.add_argument("--out", default="demo-out", help="folder for report.json, the panels and bundles [demo-out]")
     p.add_argument("--train", action="store_true", help="retrain the models from scratch first")
-    p.add_argument("--steps", type=_positive_int, default=None, help="training steps with --train")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="training steps with --train [each model's shipped count: 12000]")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _missing_extra(error: ModuleNotFoundError, command: str) -> str | None:
+    """The message for a training dependency missing on a runtime-only install, or None."""
+    top = (error.name or "").partition(".")[0]
+    if top not in TRAIN_MODULES:
+        return None
+    return (f"eproj {command} needs {TRAIN_MODULES[top]} ({top}), which is not installed: this is a runtime-only "
+            f"install. Install the training side with: pip install 'eproj[train]'")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.raw = list(sys.argv[1:] if argv is None else argv)
+    args.threads = args.threads or None  # 0 and absent alike: every core
     try:
         return args.func(args)
     except EprojError as exc:
         print(f"eproj: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        message = _missing_extra(exc, args.command)
+        if message is None:
+            raise
+        print(f"eproj: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only or missing path: the environment, not a bug of eproj
+        print(f"eproj: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("eproj: interrupted", file=sys.stderr)

@@ -10,17 +10,24 @@ latency p50/p90/p99 per call of ``batch`` frames, frames per second, the split
 into preprocess / iterations / DSSIM / postprocess, the share of the iteration
 time spent outside the network (the step graph timed alone), and the
 reference's p50 with the ratio reference / runtime.
+
+With ``progress`` (the command line's default) it says what it is doing on
+stderr: loading each backend, warming up (the first calls build the sessions
+and let ONNX Runtime or TensorRT choose their kernels, the longest silent
+step), a bar over the timed calls of each batch size, and the reference.
 """
 
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from eproj.runtime.inspector import Inspector
 
@@ -60,13 +67,21 @@ def _network_ms(inspector: Inspector, batch_tiles: int, iters: int) -> float:
 
 def bench(bundle: str, backend: str = "auto", device: str | None = None, batches: tuple[int, ...] = (1, 8, 32),
           iters: int = 30, size: int | None = None, warmup: int = 3, repeats: int = 20, threads: int | None = None,
-          precision: str | None = None, reference: Reference | None = None) -> dict[str, Any]:
+          precision: str | None = None, reference: Reference | None = None,
+          progress: bool = False) -> dict[str, Any]:
     """Latency rows for each batch size; see the module docstring.
 
     ``reference(inspector, frames, warmup, repeats)`` times the same work another way and
     returns ``{"available": bool, "p50_ms": ...}`` (or ``"why"``); None leaves it out.
+    ``progress``: say each step on stderr and show a bar per batch size.
     """
+    def say(message: str) -> None:
+        if progress:
+            print(f"eproj bench: {message}", file=sys.stderr, flush=True)
+
+    say(f"loading {bundle} ({backend} backend)")
     probe = Inspector.from_bundle(bundle, backend=backend, device=device, threads=threads, precision=precision)
+    say(probe.backend_note)
     frame_size = size or probe.bundle.size
     fit = "none" if frame_size == probe.bundle.size else None
     rows = []
@@ -75,10 +90,13 @@ def bench(bundle: str, backend: str = "auto", device: str | None = None, batches
                                           precision=precision, fit=fit, batch_size=max(batch, 1) * 64,
                                           max_iters=iters, stop_threshold=float("-inf"), energy_tol=0.0)
         frames = synthetic_frames(batch, frame_size, inspector.bundle.channels, seed=batch)
+        if warmup:
+            say(f"batch {batch}: {warmup} warm-up call(s): building the loops and letting the backend choose "
+                "its kernels (the first call can take a while)")
         for _ in range(warmup):
             inspector(frames)
         samples, stages = [], {k: 0.0 for k in STAGES}
-        for _ in range(repeats):
+        for _ in tqdm(range(repeats), desc=f"batch {batch}", unit="call", disable=not progress, leave=False):
             start = time.perf_counter()
             results = inspector(frames)
             samples.append(1e3 * (time.perf_counter() - start))
@@ -94,11 +112,13 @@ def bench(bundle: str, backend: str = "auto", device: str | None = None, batches
         row["network_ms"] = network
         row["share_outside_network"] = max(0.0, 1.0 - network / stages["iterations"]) if stages["iterations"] else None
         if reference is not None:
+            say(f"batch {batch}: the reference, doing the same work")
             ref = reference(inspector, frames, max(1, warmup // 2), max(3, repeats // 4))
             row["reference_eager_autograd"] = ref
             if ref.get("available"):
                 row["speedup_vs_reference"] = ref["p50_ms"] / row["p50_ms"]
         rows.append(row)
+        say(f"batch {batch}: p50 {row['p50_ms']:.1f} ms, {row['fps']:.1f} frames/s")
     import eproj.cpp_ext as kernels
 
     return {"benchmark": "eproj bench", "bundle": str(bundle), "backend": probe.backend_note,
