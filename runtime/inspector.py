@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from eproj.config import ProjectionConfig, choice, integer
+from eproj.decision import Decision, tile_scores
 from eproj.errors import ConfigError
 from eproj.runtime.backends import create_backend
 from eproj.runtime.backends.base import Backend
@@ -44,12 +45,18 @@ class InspectionResult:
 
     - ``anomaly_map``: (H, W) float32, DSSIM(frame, projection) at the frame's size;
     - ``mask``: (H, W) bool, anomaly_map above the bundle's pixel threshold;
-    - ``score``: max of the map (at model resolution), or ``FAILED_SCORE`` for a failed
-      frame; ``defect``: score above the bundle's image threshold, or the frame failed;
+    - ``score``: the bundle's calibrated image score (``eproj.decision``: e.g. the max of
+      (x0 - f(x0))^2 or of the map, at model resolution, the max over the frame's tiles), or
+      ``FAILED_SCORE`` for a failed frame;
+    - ``defect``: the frame failed, or lies outside the normal frame range (reason "unlike
+      any normal frame"), or its mask has a region of at least the calibrated area, or the
+      score is above the bundle's image threshold; a bundle without a ``decision`` keeps
+      the plain rule, score above the threshold;
     - ``projection``: (H, W, C) float32 in [0, 1], in the frames' channel order
       (the reconstruction for ``method="reconstruction"``);
     - ``iterations``: projection steps taken (the most over the frame's tiles);
-      ``stop_reasons``: per tile, "threshold", "converged" or "max_iters";
+      ``stop_reasons``: per tile, "threshold", "converged", "max_iters" or "gate" (finished
+      by the zero-iteration gate; its map is its reconstruction's, scaled);
     - ``timings``: milliseconds of the batch the frame was in, by stage;
     - ``failed``: the frame could not be inspected in a way eproj can vouch for (e.g. a
       non-finite value in its map, projection or score); such a frame is always ``defect``
@@ -109,7 +116,8 @@ class Inspector:
     def __init__(self, bundle: Bundle, backend: Backend, config: ProjectionConfig, method: str = "projection",
                  fit: str | None = None, channel_order: str = "bgr", batch_size: int = 16,
                  check_every: int | None = None, backend_note: str = "", threads: int = 0,
-                 scale: float | None = None, tile_stride: int | None = None):
+                 scale: float | None = None, tile_stride: int | None = None, gate_lr: float | None = None,
+                 compact: bool = True):
         if not isinstance(config, ProjectionConfig):
             raise ConfigError(f"config must be a ProjectionConfig, got {type(config).__name__}")
         check_options(method=method, fit=fit, channel_order=channel_order, batch_size=batch_size,
@@ -126,7 +134,14 @@ class Inspector:
         self.backend_note = backend_note or backend.describe()
         self.pixel_threshold = bundle.threshold(method, "dssim")
         self.score_threshold = bundle.threshold(method, "score")
+        # the calibrated verdict (eproj.decision) of the projection; the other methods keep
+        # the plain one (max of the map against the score threshold)
+        stored = bundle.manifest.get("decision") if method == "projection" else None
+        self.decision = Decision.from_dict(stored, self.score_threshold)
+        self.gate_lr = self.decision.gate_lr if gate_lr is None else float(gate_lr)
+        self.compact = bool(compact)
         self._projectors: dict[int, Projector | ParallelProjector] = {}
+        self.last_batch: BatchOutput | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._ingredients = None
@@ -161,6 +176,7 @@ class Inspector:
                     batch_size: int = 16, check_every: int | None = None, threads: int | None = None,
                     precision: str | None = None, cuda_graphs: bool | None = None, loops: int | None = None,
                     scale: float | None = None, tile_stride: int | None = None,
+                    stop_rule: str | None = None, gate_lr: float | None = None, compact: bool = True,
                     **overrides: Any) -> "Inspector":
         """Load a bundle (``eproj export``) and pick a backend.
 
@@ -187,24 +203,37 @@ class Inspector:
             ``threads``, ``precision``, ``cuda_graphs`` and ``loops`` left at None are not
             given; one that the chosen backend does not take is a ConfigError, never
             dropped ("auto" passes over the backends that do not take it).
+            stop_rule: one of the bundle's ``stop_rules`` (e.g. "validation", "training-min"):
+                its stop threshold, iteration cap and zero-iteration gate; default the
+                bundle's ``stop_rule``. ``stop_threshold`` and ``max_iters`` overrides win.
+            gate_lr: the zero-iteration gate on Lr(x0) instead of the rule's (-inf: none).
+            compact: finished tiles leave the batch the step graph runs on (same results).
             **overrides: projection parameters (alpha, lam, step, weighting, max_iters,
                 energy_tol, stop_threshold, adam_beta1, ...), default the bundle's.
         """
         check_options(method=method, fit=fit, channel_order=channel_order, batch_size=batch_size,
                       check_every=check_every, threads=threads, loops=loops, cuda_graphs=cuda_graphs)
         bundle = Bundle.load(path)
+        rule = stop_rule_settings(bundle.manifest, stop_rule)
+        for name in ("stop_threshold", "max_iters"):
+            if rule.get(name) is not None and overrides.get(name) is None:
+                overrides[name] = rule[name]
+        if gate_lr is None:
+            gate_lr = rule.get("gate_lr")
+        gate_lr = float("-inf") if gate_lr is None else gate_lr
         config = bundle.projection_config(**overrides)
         chosen, note = create_backend(bundle, backend, device, threads=threads, precision=precision,
                                       cuda_graphs=cuda_graphs, loops=loops)
         log.info("eproj runtime: %s", note)
         return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note, threads or 0,
-                   scale, tile_stride)
+                   scale, tile_stride, gate_lr, compact)
 
     def _projector(self, n: int) -> Projector | ParallelProjector:
         if n not in self._projectors:
             loop = "projection" if self.method == "ensemble" else self.method
+            gate = None if self.gate_lr is None or self.gate_lr == float("-inf") else self.gate_lr
             args = (n, self.bundle.channels, self.bundle.size, self.config, self.pixel_threshold, loop,
-                    self.check_every)
+                    self.check_every, gate, self.decision.zero_iteration_map_scale, self.compact)
             workers = min(self.backend.workers, n)
             self._projectors[n] = (ParallelProjector(self.backend.serial(), *args, workers=workers) if workers > 1
                                    else Projector(self.backend, *args))
@@ -232,6 +261,7 @@ class Inspector:
             out = concatenate(parts)
             if self.method == "ensemble":
                 self._apply_ensemble(x0, out)
+            self.last_batch = out  # the tiles' arrays of this call (Lr(x0), rec_error, ...), for evaluation
             looped = time.perf_counter()
             results = self._results(out, layouts)
             timings = {"preprocess": 1e3 * (prepared - start),
@@ -264,17 +294,22 @@ class Inspector:
         for layout in layouts:
             rows = slice(layout.start, layout.start + layout.count)
             projection = to_output_order(to_frame(targets, layout, self.fit), channels, self.channel_order)
+            scores = tile_scores(out.dssim[rows], out.rec_error[rows], out.lr0[rows], self.pixel_threshold)
+            score = float(scores[self.decision.image_score].max())
             if self.fit == "tile":  # overlapping tiles: blend the maps, then score and threshold the blend
                 working = stitch(out.dssim, layout)
-                score = float(working.max())
+                if self.decision.image_score == "dssim_max":
+                    score = float(working.max())
                 anomaly_map = at_frame_size(working, layout)
                 mask = anomaly_map > self.pixel_threshold
+                regions = working > self.pixel_threshold  # at the model's working scale
             else:
-                score = float(out.tile_max[rows].max())
                 anomaly_map = to_frame(out.dssim, layout, self.fit)
                 mask = to_frame(out.mask.astype(np.uint8), layout, self.fit, nearest=True).astype(bool)
+                regions = out.mask[rows]
+            defect, reason = self._verdict(score, regions, out.lr0[rows], out.dssim[rows])
             result = InspectionResult(
-                anomaly_map=anomaly_map, mask=mask, score=score, defect=bool(score > self.score_threshold),
+                anomaly_map=anomaly_map, mask=mask, score=score, defect=defect, reason=reason,
                 projection=projection, iterations=int(out.iterations[rows].max()),
                 stop_reasons=list(out.stop_reason[rows]))
             failure = non_finite_reason(out.dssim[rows], out.target[rows], score)
@@ -282,6 +317,28 @@ class Inspector:
                 fail(result, failure)
             results.append(result)
         return results
+
+    def _verdict(self, score: float, regions: np.ndarray, lr0: np.ndarray, dssim: np.ndarray) -> tuple[bool, str]:
+        """The calibrated verdict of one frame (``eproj.decision.Decision.verdict``): outside the
+        normal frame range, a mask region of the calibrated area, or a score over the threshold.
+        ``regions``: the frame's mask at model resolution, (H, W) or one (S, S) per tile."""
+        statistics = self.decision.frame_statistics(lr0, dssim)
+        masks = regions[None] if regions.ndim == 2 else regions
+        verdicts = [self.decision.verdict(score, m, statistics) for m in masks]
+        flagged = [v for v in verdicts if v[0]]
+        return flagged[0] if flagged else verdicts[0]
+
+
+def stop_rule_settings(manifest: dict[str, Any], rule: str | None) -> dict[str, Any]:
+    """The settings of stop rule ``rule`` (default the manifest's ``stop_rule``): ``stop_threshold``,
+    ``max_iters`` and ``gate_lr``; {} for a bundle exported before stop rules were recorded."""
+    rules = manifest.get("stop_rules") or {}
+    name = rule or manifest.get("stop_rule")
+    if name is None:
+        return {}
+    if name not in rules:
+        raise ConfigError(f"stop_rule must be one of {sorted(rules)} (this bundle's), got {name!r}")
+    return dict(rules[name])
 
 
 def non_finite_reason(anomaly_map: np.ndarray, target: np.ndarray, score: float) -> str:

@@ -11,6 +11,14 @@
   ``test/<defect>/``, ``ground_truth/<defect>/<stem>_mask.png`` or
   ``<stem>.png`` where a mask exists).
 
+The fit says how images meet the model size S: "tile" (textures: subsampled to a
+512-pixel working side, cut into random S x S crops for training, tiled for testing)
+or "resize" (objects: resized to S x S). ``fit_of`` gives a spec's default:
+``textures:`` and the MVTec texture categories tile, everything else resizes;
+``load_source(..., fit="tile")`` tiles a ``folder:`` or another MVTec category.
+A tiled source's ``scale`` is the factor its images were resized by (working side /
+native shorter side), which the checkpoint and the bundle record for the runtime.
+
 Images everywhere are float32 in [0, 1]; batches handed to models are
 (N, C, S, S), single images (H, W, C); masks (H, W) bool.
 """
@@ -30,6 +38,7 @@ from eproj.train.defects import add_defect
 EMBEDDED_TEXTURES = ("brick", "grass")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+TRAINING_FITS = ("tile", "resize")
 TEXTURE_SIDE = 512  # textures are subsampled to this side, as in the paper
 
 
@@ -128,6 +137,17 @@ class DataSource:
     kind: str
     channels: int
     size: int
+    scale: float | None = None  # tiled sources: working side / native shorter side
+
+    @property
+    def fit(self) -> str:
+        """How images meet the model size: "tile" for textures, "resize" for objects."""
+        return "tile" if self.kind == "texture" else "resize"
+
+    def input_record(self) -> dict:
+        """What checkpoints and bundles record of the input geometry: the fit and, when
+        tiled, the working scale (the factor images were resized by before cropping)."""
+        return {"fit": self.fit, "scale": self.scale if self.fit == "tile" else None}
 
     def train_batch(self, rng: np.random.Generator, batch: int) -> np.ndarray:
         """A batch of augmented training inputs, (batch, C, S, S) float32."""
@@ -159,8 +179,9 @@ class TextureSource(DataSource):
     kind = "texture"
 
     def __init__(self, spec: str, texture: np.ndarray, foreign: list[np.ndarray], size: int,
-                 n_test: int = 48, n_validation: int = 12, defect_rate: float = 0.75, seed: int = 0):
-        self.spec, self.size, self.channels = spec, size, texture.shape[2]
+                 n_test: int = 48, n_validation: int = 12, defect_rate: float = 0.75, seed: int = 0,
+                 scale: float = 1.0):
+        self.spec, self.size, self.channels, self.scale = spec, size, texture.shape[2], scale
         h, w = texture.shape[:2]
         train_end, validation_end = h // 2, (3 * h) // 4
         if min(h - validation_end, w) < size:
@@ -210,12 +231,13 @@ def _embedded_texture(name: str) -> np.ndarray:
     return (getattr(skdata, name)().astype(np.float32) / 255.0)[:, :, None]
 
 
-def _subsample(image: np.ndarray, side: int = TEXTURE_SIDE) -> np.ndarray:
+def _subsample(image: np.ndarray, side: int = TEXTURE_SIDE) -> tuple[np.ndarray, float]:
+    """(image subsampled to ``side`` on its shorter side, the factor); smaller images stay."""
     h, w = image.shape[:2]
     if min(h, w) <= side:
-        return image
+        return image, 1.0
     scale = side / min(h, w)
-    return resize(image, (round(h * scale), round(w * scale)))
+    return resize(image, (round(h * scale), round(w * scale))), scale
 
 
 def texture_source(arg: str, size: int, **kwargs) -> TextureSource:
@@ -228,7 +250,8 @@ def texture_source(arg: str, size: int, **kwargs) -> TextureSource:
         if not path.is_file():
             raise DataError(f"textures:{arg}: expected one of {EMBEDDED_TEXTURES} or an image file; "
                             f"no such file")
-        texture = _subsample(read_image(path))
+        texture, scale = _subsample(read_image(path))
+        kwargs.setdefault("scale", scale)
         foreign_names = ["brick", "grass", "gravel"]
     foreign = [_embedded_texture(n) for n in foreign_names]
     foreign = [resize(f, max(f.shape[0], texture.shape[0])) for f in foreign]
@@ -259,6 +282,11 @@ class FolderSource(DataSource):
             raise DataError(f"{spec}: no images ({', '.join(IMAGE_SUFFIXES)}) in {train_dir}")
         first = read_image(files[0])
         self.channels, self.native_shape = first.shape[2], first.shape[:2]
+        if kind == "texture":  # the shorter side to 512 (at most the image's), a multiple of S
+            side = min(TEXTURE_SIDE, *self.native_shape)
+            side = max(size, side - side % size)
+            self.scale = side / min(self.native_shape)
+            self.working_shape = (round(self.native_shape[0] * self.scale), round(self.native_shape[1] * self.scale))
         order = np.random.default_rng(seed).permutation(len(files))
         n_val = max(1, int(round(validation_fraction * len(files)))) if len(files) > 1 else 0
         self.validation_files = [files[i] for i in sorted(order[:n_val])]
@@ -273,11 +301,10 @@ class FolderSource(DataSource):
         return self._working(image)
 
     def _working(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
-        """Native image -> working resolution: textures to 512 (tiled later), objects to S."""
+        """Native image -> working resolution: textures by ``scale`` (512 on the shorter side,
+        a multiple of S; tiled later), objects to S x S."""
         if self.kind == "texture":
-            side = min(TEXTURE_SIDE, *image.shape[:2])
-            side = max(self.size, side - side % self.size)
-            return resize(image, side, nearest)
+            return resize(image, self.working_shape, nearest)
         return resize(image, self.size, nearest)
 
     def _train_images(self) -> list[np.ndarray]:
@@ -352,26 +379,34 @@ class FolderSource(DataSource):
         return samples
 
 
-def fit_of(spec: str) -> str:
-    """How test images of a data spec meet the model size: "tile" (textures are cut
-    into tiles of the model size) or "resize" (objects are resized to it)."""
+def fit_of(spec: str, fit: str | None = None) -> str:
+    """How images of a data spec meet the model size: "tile" (textures are cut into tiles
+    of the model size) or "resize" (objects are resized to it).
+
+    ``fit`` None: the spec's default (``textures:`` and the MVTec texture categories tile,
+    the rest resize); "tile" or "resize": that fit, where the spec allows it
+    (``textures:`` specs always tile)."""
     scheme, _, arg = spec.partition(":")
-    if scheme == "textures" or (scheme == "mvtec" and Path(arg).name in MVTEC_TEXTURES):
-        return "tile"
-    return "resize"
+    default = "tile" if scheme == "textures" or (scheme == "mvtec" and Path(arg).name in MVTEC_TEXTURES) \
+        else "resize"
+    if fit is None:
+        return default
+    if fit not in TRAINING_FITS:
+        raise DataError(f"fit must be one of {TRAINING_FITS}, got {fit!r}")
+    if scheme == "textures" and fit != "tile":
+        raise DataError(f"{spec}: a texture image is cut into crops, so its fit is tile; got fit {fit!r}")
+    return fit
 
 
-def load_source(spec: str, size: int = 128, **kwargs) -> DataSource:
-    """Parse a data spec (see the module docstring) into a DataSource at model size ``size``."""
+def load_source(spec: str, size: int = 128, fit: str | None = None, **kwargs) -> DataSource:
+    """Parse a data spec (see the module docstring) into a DataSource at model size ``size``;
+    ``fit`` (None: the spec's default, see ``fit_of``) "tile" makes a folder a texture source."""
     scheme, sep, arg = spec.partition(":")
     if not sep or not arg:
         raise DataError(f"data spec must look like textures:NAME, mvtec:PATH/CATEGORY or folder:PATH; got {spec!r}")
+    if scheme not in ("textures", "mvtec", "folder"):
+        raise DataError(f"unknown data scheme {scheme!r} in {spec!r}; expected textures, mvtec or folder")
+    kind = "texture" if fit_of(spec, fit) == "tile" else "object"
     if scheme == "textures":
         return texture_source(arg, size, **kwargs)
-    if scheme == "mvtec":
-        root = Path(arg)
-        kind = "texture" if root.name in MVTEC_TEXTURES else "object"
-        return FolderSource(spec, root, size, kind, strict=True, **kwargs)
-    if scheme == "folder":
-        return FolderSource(spec, Path(arg), size, "object", strict=False, **kwargs)
-    raise DataError(f"unknown data scheme {scheme!r} in {spec!r}; expected textures, mvtec or folder")
+    return FolderSource(spec, Path(arg), size, kind, strict=scheme == "mvtec", **kwargs)

@@ -6,6 +6,7 @@ run draws exactly the batches an uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,15 +16,19 @@ import torch
 from tqdm import tqdm
 
 from eproj.errors import CheckpointError, ConfigError
-from eproj.train.checkpoint import (CHECKPOINT_FORMAT, FORMAT_VERSION, load_payload,
+from eproj.train.checkpoint import (CHECKPOINT_FORMAT, FORMAT_VERSION, MODEL_FORMAT, load_payload,
                                     model_from_payload, save_atomic)
 from eproj.train.corruption import PRESETS, corrupt
-from eproj.train.data import load_source
+from eproj.train.data import TRAINING_FITS, DataSource, fit_of, load_source
 from eproj.train.losses import training_loss
 from eproj.train.models import ModelConfig, build_model
 
 
 REGIMES = ("plain", "corrupt")
+# TrainConfig fields a resumed run must share with the run it resumes: they decide which
+# batches are drawn and how each step moves the weights. ``steps`` (to extend a run),
+# ``checkpoint_every`` and ``weights`` (the dtype of model.pt) may change.
+RESUME_FIXED = ("batch", "lr", "seed", "kl_warmup")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class TrainConfig:
     weights: str = "float32"  # dtype of the weights written to model.pt
     regime: str = "plain"  # "plain": reconstruct x; "corrupt": reconstruct x from a partly corrupted x
     corruption: str = "patches"  # the corruption preset of the corrupt regime (eproj.train.corruption.PRESETS)
+    fit: str | None = None  # "tile" or "resize"; None: the data's default (eproj.train.data.fit_of)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -58,6 +64,8 @@ class TrainConfig:
             raise ConfigError(f"regime must be one of {REGIMES}, got {self.regime!r}")
         if self.corruption not in PRESETS:
             raise ConfigError(f"corruption must be one of {sorted(PRESETS)}, got {self.corruption!r}")
+        if self.fit is not None and self.fit not in TRAINING_FITS:
+            raise ConfigError(f"fit must be one of {TRAINING_FITS} (or None: the data's default), got {self.fit!r}")
 
     def record(self) -> dict:
         """What a checkpoint stores: the fields, and the corruption's parameters when it is used."""
@@ -67,9 +75,14 @@ class TrainConfig:
         return out
 
 
-def _checkpoint(model, optimizer, model_config: ModelConfig, train_config: TrainConfig, step: int) -> dict:
+def _checkpoint(model, optimizer, model_config: ModelConfig, train_config: TrainConfig, step: int,
+                source: DataSource) -> dict:
+    """The checkpoint; its ``train`` record adds the input geometry the data was trained at
+    (``input``: the fit chosen and, when tiled, the working scale), which model.pt and the
+    bundle carry on for the runtime."""
+    train = {**train_config.record(), "input": source.input_record()}
     return {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION,
-            "config": model_config.to_dict(), "train": train_config.record(), "step": step,
+            "config": model_config.to_dict(), "train": train, "step": step,
             "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
@@ -88,12 +101,17 @@ def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig):
         raise CheckpointError(f"{path} was trained with regime {stored_regime[0]} ({stored_regime[1]}); this "
                               f"command asks for {train_config.regime} ({train_config.corruption}). "
                               f"Use another --out for a new run")
+    changed = [f"--{name.replace('_', '-')} {payload['train'][name]} (now {getattr(train_config, name)})"
+               for name in RESUME_FIXED
+               if name in payload["train"] and payload["train"][name] != getattr(train_config, name)]
+    if changed:
+        raise CheckpointError(f"{path} was trained with {', '.join(changed)}; a resumed run keeps these. "
+                              f"Use the same options to resume (only --steps, --checkpoint-every and --weights "
+                              f"may change), or another --out for a new run")
     model = model_from_payload(payload, path)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
     optimizer.load_state_dict(payload["optimizer"])
-    for group in optimizer.param_groups:
-        group["lr"] = train_config.lr
     return model, optimizer, int(payload["step"])
 
 
@@ -126,7 +144,12 @@ def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainCon
     """
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
-    source = load_source(train_config.data, size=model_config.size, seed=train_config.seed)
+    source = load_source(train_config.data, size=model_config.size, seed=train_config.seed, fit=train_config.fit)
+    if progress:
+        why = "--fit" if train_config.fit else f"the default for {train_config.data}"
+        scale = (f"; working scale {source.scale:g} (images resized by it before cropping)"
+                 if source.fit == "tile" else "")
+        print(f"fit {source.fit} ({why}){scale}", file=sys.stderr)
     if source.channels != model_config.channels:
         raise ConfigError(f"{train_config.data} has {source.channels}-channel images; "
                           f"the model was asked for {model_config.channels} channel(s)")
@@ -156,13 +179,29 @@ def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainCon
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
             if step % train_config.checkpoint_every == 0 or time.monotonic() - last_save > 600:
-                save_atomic(_checkpoint(model, optimizer, model_config, train_config, step), ckpt_path)
+                save_atomic(_checkpoint(model, optimizer, model_config, train_config, step, source), ckpt_path)
                 last_save = time.monotonic()
     finally:
         bar.close()
-        save_atomic(_checkpoint(model, optimizer, model_config, train_config, step), ckpt_path)
+        save_atomic(_checkpoint(model, optimizer, model_config, train_config, step, source), ckpt_path)
     if not calibrate_after:
         return ckpt_path
     from eproj.train.calibrate import write_model
 
-    return write_model(run_dir, progress=progress)
+    out = write_model(run_dir, progress=progress)
+    if source.fit != fit_of(train_config.data):
+        _check_calibrated_fit(out, source)
+    return out
+
+
+def _check_calibrated_fit(path: Path, source: DataSource) -> None:
+    """With a fit other than the data's default, model.pt must have been calibrated on the
+    validation inputs of that fit (tiles, not resized images); otherwise its thresholds
+    belong to another geometry: model.pt is removed and CheckpointError says so."""
+    calibrated = int(load_payload(path, MODEL_FORMAT)["calibration"]["validation_images"])
+    expected = len(source.validation())
+    if calibrated != expected:
+        path.unlink()
+        raise CheckpointError(f"{path} was calibrated on {calibrated} validation inputs, but {source.spec} with "
+                              f"fit {source.fit} gives {expected}: the calibration loaded the data with another "
+                              f"fit, so its thresholds do not apply; model.pt was removed")

@@ -88,8 +88,9 @@ def test_tile_untile_round_trip():
     tiles = tile(image, 32)
     assert len(tiles) == 6
     np.testing.assert_array_equal(untile(np.stack(tiles), (64, 96)), image)
-    with pytest.raises(DataError, match="cannot be tiled"):
-        tile(np.zeros((50, 64, 1)), 32)
+    assert len(tile(np.zeros((50, 64, 1)), 32)) == 4  # rows at 0 and 18: the last ends at the border
+    with pytest.raises(DataError, match="image of 64x20 is smaller than the 32x32 tiles"):
+        tile(np.zeros((20, 64, 1)), 32)
 
 
 def test_bad_input_gives_clear_errors(tmp_path, mvtec_folder):
@@ -132,3 +133,52 @@ def test_empty_test_set_and_missing_train_images(tmp_path):
     empty.mkdir(parents=True)
     with pytest.raises(DataError, match="no images"):
         load_source(f"mvtec:{empty.parent.parent}", size=32)
+
+
+def test_texture_sources_record_their_fit_and_working_scale(tmp_path):
+    """MVTec textures and folders with fit "tile" are resized by the working scale (512 on
+    the shorter side, a multiple of the model size) keeping their aspect; the source
+    records the fit and the factor. textures: specs always tile."""
+    from eproj.train.data import fit_of
+
+    carpet = make_mvtec(tmp_path / "carpet", size=640, n_train=2, n_test=1)
+    source = load_source(f"mvtec:{carpet}", size=128)
+    assert source.input_record() == {"fit": "tile", "scale": 0.8}
+    assert source.test()[0].image.shape == (512, 512, 1)
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fabric"
+    for i in range(3):
+        write_image(root / "train" / f"{i}.png", texture(rng, 100)[:, :70])
+    write_image(root / "test" / "good" / "a.png", texture(rng, 100)[:, :70])
+    assert fit_of(f"folder:{root}") == "resize" and load_source(f"folder:{root}", size=32).kind == "object"
+    tiled = load_source(f"folder:{root}", size=32, fit="tile")
+    assert tiled.kind == "texture" and tiled.input_record() == {"fit": "tile", "scale": 64 / 70}
+    assert tiled.test()[0].image.shape == (91, 64, 1)  # 100 x 70 -> 91 x 64: the aspect kept
+    assert tiled.validation().shape == (3 * 2, 1, 32, 32)  # rows at 0, 32, 59; columns at 0, 32
+    assert fit_of("textures:brick") == "tile" and load_source("textures:brick").input_record()["scale"] == 1.0
+    assert fit_of(f"mvtec:{carpet}", "resize") == "resize"
+    with pytest.raises(DataError, match="a texture image is cut into crops, so its fit is tile; got fit 'resize'"):
+        load_source("textures:brick", fit="resize")
+    with pytest.raises(DataError, match=r"fit must be one of \('tile', 'resize'\), got 'none'"):
+        load_source(f"folder:{root}", fit="none")
+
+
+def test_the_checkpoint_records_the_fit_and_the_bundle_carries_it(tmp_path, capsys):
+    from eproj.export.onnx_graphs import _input_geometry
+    from eproj.train.checkpoint import load_payload
+    from eproj.train.models import ModelConfig
+    from eproj.train.trainer import TrainConfig, train
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "fabric"
+    for i in range(3):
+        write_image(root / "train" / f"{i}.png", texture(rng, 80))
+    path = train(tmp_path / "run", ModelConfig(family="l2ae", size=32, latent=8),
+                 TrainConfig(data=f"folder:{root}", steps=1, batch=2, fit="tile"), calibrate_after=False)
+    assert "fit tile (--fit); working scale 0.8" in capsys.readouterr().err
+    record = load_payload(path, "eproj-checkpoint")["train"]
+    assert record["fit"] == "tile" and record["input"] == {"fit": "tile", "scale": 0.8}
+    assert _input_geometry(record) == {"fit": "tile", "scale": 0.8, "scale_recorded": True}
+    old = {"data": "mvtec:/x/carpet", "steps": 10}  # a checkpoint from before the record
+    assert _input_geometry(old) == {"fit": "tile", "scale": 1.0, "scale_recorded": False}
+    assert _input_geometry({"data": "folder:/x"}) == {"fit": "resize", "scale": None, "scale_recorded": False}
