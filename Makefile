@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-KERNEL_SOURCES := $(wildcard cpp_ext/CMakeLists.txt cpp_ext/*.cpp cpp_ext/*.in cpp_ext/*/*.cpp cpp_ext/*/*.cu cpp_ext/*/*.cuh cpp_ext/include/eproj/*.h)
+KERNEL_SOURCES := $(wildcard cpp_ext/CMakeLists.txt cpp_ext/*.cpp cpp_ext/*.in cpp_ext/*/*.cpp cpp_ext/*/*.cu cpp_ext/*/*.cuh cpp_ext/*/*.h cpp_ext/include/eproj/*.h)
 
 # rebuilt (and the kernels recompiled) when the build files or kernel sources change
 $(STAMP): pyproject.toml CMakeLists.txt $(KERNEL_SOURCES) | $(VENV)/bin/python
