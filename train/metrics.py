@@ -13,6 +13,11 @@ Pixel metrics pool the pixels of all images that have a ground-truth mask:
 - ``iou``: intersection over union of a thresholded prediction and the truth.
 
 ``image_auroc`` ranks images by their score. ROC and PR curves come from scikit-learn.
+
+A metric the data cannot define is None (null in the JSON reports), never 0:
+pixel metrics need ground-truth masks with defect pixels (and pixels without),
+``image_auroc`` needs good and defective images. ``all_metrics`` says why in
+``null_reasons``.
 """
 
 from __future__ import annotations
@@ -105,11 +110,13 @@ def best_f1(maps: list[np.ndarray], masks: list[np.ndarray | None]) -> tuple[flo
 
 
 def iou(maps: list[np.ndarray], masks: list[np.ndarray | None], threshold: float) -> float | None:
-    """IoU of (map > threshold) and the masks, pooled over images; None if both are empty."""
+    """IoU of (map > threshold) and the masks, pooled over images; None when the masks mark
+    no defect pixel (the IoU of any prediction would then be 0 or undefined, and say nothing)."""
     values, truth = _pool(maps, masks)
+    if not truth.any():
+        return None
     pred = values > threshold
-    union = np.logical_or(pred, truth).sum()
-    return float(np.logical_and(pred, truth).sum() / union) if union else None
+    return float(np.logical_and(pred, truth).sum() / np.logical_or(pred, truth).sum())
 
 
 def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -117,11 +124,34 @@ def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores)) if _both_classes(labels) else None
 
 
+PIXEL_METRICS = ("pixel_auroc", "aupro_0.3", "fpr_at_tpr_0.99", "fpr_at_tpr_0.995", "best_f1",
+                 "best_f1_threshold", "iou")
+
+
+def null_reasons(masks: list[np.ndarray | None], labels: np.ndarray) -> dict[str, str]:
+    """Why the pixel metrics and image AUROC cannot be computed on this test set: keys
+    "pixel" and "image", present only where they cannot."""
+    reasons = {}
+    given = [m for m in masks if m is not None]
+    if not given:
+        reasons["pixel"] = "no test image has a ground-truth mask"
+    elif not any(m.any() for m in given):
+        reasons["pixel"] = "the ground-truth masks mark no defect pixel (no defective test image has a mask)"
+    elif all(m.all() for m in given):
+        reasons["pixel"] = "every ground-truth pixel is a defect"
+    labels = np.asarray(labels).astype(bool)
+    if not _both_classes(labels):
+        reasons["image"] = ("the test set has only defective images" if labels.size and labels.all()
+                            else "the test set has no defective image" if labels.size else "the test set is empty")
+    return reasons
+
+
 def all_metrics(maps: list[np.ndarray], masks: list[np.ndarray | None], scores: np.ndarray,
-                labels: np.ndarray, threshold: float) -> dict[str, float | None]:
-    """Every metric of one kind of map, for the JSON reports."""
+                labels: np.ndarray, threshold: float) -> dict:
+    """Every metric of one kind of map, for the JSON reports; ``null_reasons`` maps each
+    metric that is None to why."""
     f1 = best_f1(maps, masks)
-    return {
+    metrics = {
         "pixel_auroc": pixel_auroc(maps, masks),
         "aupro_0.3": aupro(maps, masks, 0.3),
         "image_auroc": image_auroc(scores, labels),
@@ -132,3 +162,7 @@ def all_metrics(maps: list[np.ndarray], masks: list[np.ndarray | None], scores: 
         "iou": iou(maps, masks, threshold),
         "threshold": float(threshold),
     }
+    why = null_reasons(masks, labels)
+    metrics["null_reasons"] = {name: why.get("image" if name == "image_auroc" else "pixel", "undefined on this data")
+                               for name in PIXEL_METRICS + ("image_auroc",) if metrics[name] is None}
+    return metrics

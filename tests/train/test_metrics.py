@@ -73,5 +73,24 @@ def test_image_auroc_and_all_metrics_keys():
     masks = [np.zeros((8, 8), bool), rng.random((8, 8)) < 0.3, rng.random((8, 8)) < 0.3]
     out = metrics.all_metrics(maps, masks, np.array([m.max() for m in maps]), np.array([0, 1, 1]), 0.5)
     assert set(out) == {"pixel_auroc", "aupro_0.3", "image_auroc", "fpr_at_tpr_0.99", "fpr_at_tpr_0.995",
-                        "best_f1", "best_f1_threshold", "iou", "threshold"}
+                        "best_f1", "best_f1_threshold", "iou", "threshold", "null_reasons"}
+    assert out.pop("null_reasons") == {}
     assert all(v is None or 0 <= v <= 1 for v in out.values())
+
+
+@pytest.mark.parametrize("masks,labels,pixel_reason,image_reason", [
+    ([None, None, None], [0, 1, 1], "no test image has a ground-truth mask", None),
+    ([np.zeros((8, 8), bool), np.zeros((8, 8), bool), None], [0, 0, 1],
+     "the ground-truth masks mark no defect pixel", None),
+    ([np.zeros((8, 8), bool)] * 3, [0, 0, 0], "the ground-truth masks mark no defect pixel",
+     "the test set has no defective image"),
+])
+def test_metrics_the_data_cannot_define_are_null_with_the_reason(masks, labels, pixel_reason, image_reason):
+    maps = [np.full((8, 8), 0.9)] * 3  # every pixel predicted defective: an IoU of 0.0 would be a made-up number
+    out = metrics.all_metrics(maps, masks, np.array([0.9, 0.9, 0.9]), np.array(labels), 0.5)
+    for name in ("pixel_auroc", "aupro_0.3", "fpr_at_tpr_0.99", "best_f1", "iou"):
+        assert out[name] is None and pixel_reason in out["null_reasons"][name]
+    if image_reason:
+        assert out["image_auroc"] is None and out["null_reasons"]["image_auroc"] == image_reason
+    else:
+        assert out["image_auroc"] is not None and "image_auroc" not in out["null_reasons"]
