@@ -122,3 +122,37 @@ def test_every_family_trains_through_the_cli(trained_run, tmp_path, options, exp
                  "--out", str(out)]) == 0
     config = load_model(out).config.to_dict()
     assert {k: config[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("option,value,stored", [("--lr", "2e-3", "1e-3"), ("--batch", "2", "4"),
+                                                 ("--seed", "5", "0"), ("--kl-warmup", "10", "2000")])
+def test_resuming_with_other_training_options_is_refused(trained_run, capsys, option, value, stored):
+    folder, run = trained_run
+    before = (run / "checkpoint.pt").read_bytes()
+    assert _train(folder, run, 8, option, value) == 2
+    err = capsys.readouterr().err
+    assert f"was trained with {option} " in err and f"(now {value.replace('2e-3', '0.002')})" in err
+    assert "only --steps, --checkpoint-every and --weights may change" in err
+    assert (run / "checkpoint.pt").read_bytes() == before  # nothing trained, nothing written
+
+
+def test_resuming_may_change_the_checkpoint_interval(trained_run):
+    folder, run = trained_run
+    assert _train(folder, run, 6, "--no-calibrate", "--checkpoint-every", "5") == 0
+    assert load_payload(run / "checkpoint.pt", "eproj-checkpoint")["train"]["checkpoint_every"] == 5
+
+
+def test_eval_without_masks_reports_null_pixel_metrics_with_the_reason(trained_run, tmp_path):
+    import shutil
+
+    from conftest import make_mvtec
+
+    folder = make_mvtec(tmp_path / "own", size=32)
+    shutil.rmtree(folder / "ground_truth")  # folder: data may come without masks
+    _, run = trained_run
+    out = tmp_path / "r.json"
+    assert main(["eval", str(run), "--data", f"folder:{folder}", "--method", "reconstruction",
+                 "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]["dssim"]
+    assert metrics["iou"] is None and metrics["pixel_auroc"] is None and metrics["image_auroc"] is not None
+    assert "no defect pixel" in metrics["null_reasons"]["iou"]
