@@ -218,3 +218,212 @@ def test_fp16_overflow_is_refused_and_says_which(bundles, tmp_path):
     assert not (tmp_path / "b" / "step_fp16.onnx").exists()
     assert not (tmp_path / "b" / "manifest.json").exists()
     export_bundle(huge, tmp_path / "b")  # float32 alone is fine
+
+
+def _linked(src, dst):
+    """A copy of bundle ``src`` made of hard links (fast), but for its manifest: an edit must
+    replace a file (unlink, then write), never write through the link into ``src``."""
+    import os
+
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name == "manifest.json":
+            (dst / p.name).write_bytes(p.read_bytes())
+        else:
+            os.link(p, dst / p.name)
+    return dst
+
+
+def _edit(folder, tmp_path, name, change):
+    """A copy of bundle ``folder`` whose manifest ``change(manifest, copy)`` edited in place."""
+    copy = _linked(folder, tmp_path / name)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change(manifest, copy)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def _listed(manifest, copy, name):
+    """List ``name`` (relative to ``copy``) under files with its true hash, as a forger would."""
+    from eproj.bundle import sha256
+
+    path = copy / name
+    manifest["files"][name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+def _step_outside(manifest, copy):
+    outside = copy.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "step.onnx").write_bytes((copy / "step.onnx").read_bytes())
+    manifest["graphs"]["step"]["file"] = "../outside/step.onnx"
+    _listed(manifest, copy, "../outside/step.onnx")
+
+
+def _step_absolute(manifest, copy):
+    manifest["graphs"]["step"]["file"] = str((copy / "step.onnx").resolve())
+
+
+def _files_emptied_and_a_byte_flipped(manifest, copy):
+    data = bytearray((copy / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "decoder.onnx").unlink()
+    (copy / "decoder.onnx").write_bytes(bytes(data))
+    manifest["files"] = {}
+
+
+def _passwd(manifest, copy):
+    manifest["graphs"]["encoder"]["file"] = "../../../../etc/passwd"
+
+
+def _symlink_leaving(manifest, copy):
+    outside = copy.parent / "elsewhere.onnx"
+    outside.write_bytes((copy / "step.onnx").read_bytes())
+    (copy / "step.onnx").unlink()
+    (copy / "step.onnx").symlink_to(outside)  # same bytes, same hash: only the link gives it away
+
+
+def _weights_outside(manifest, copy):
+    manifest["weights"]["file"] = "../model.pt"
+
+
+def _torch_step_unlisted(manifest, copy):
+    del manifest["files"]["step.pt2"]
+
+
+def _engine_outside(manifest, copy):
+    manifest["engines"] = {"step": {"file": "../../step.engine", "sha256": "0" * 64, "bytes": 1,
+                                    "graph": "step.onnx", "graph_sha256": "0" * 64}}
+
+
+@pytest.mark.parametrize("change,message", [
+    (_step_outside, r"graphs\.step\.file is '\.\./outside/step\.onnx'; a bundle file must be a relative path "
+                    r"inside the bundle folder"),
+    (_step_absolute, r"graphs\.step\.file is '/.*step\.onnx'; a bundle file must be a relative path"),
+    (_files_emptied_and_a_byte_flipped, r"graphs\.(encoder|decoder|step|step_fp16)\.file names '.*\.onnx', "
+                                        r"which is not listed under files"),
+    (_passwd, r"graphs\.encoder\.file is '\.\./\.\./\.\./\.\./etc/passwd'"),
+    (_symlink_leaving, r"graphs\.step\.file is 'step\.onnx', which resolves to .*elsewhere\.onnx, outside "
+                       r"the bundle folder"),
+    (_weights_outside, r"weights\.file is '\.\./model\.pt'"),
+    (_torch_step_unlisted, r"torch_step\.file names 'step\.pt2', which is not listed under files"),
+    (_engine_outside, r"engines\.step\.file is '\.\./\.\./step\.engine'"),
+])
+def test_every_referenced_file_is_inside_the_bundle_and_hashed(bundles, tmp_path, change, message):
+    """Before, only the files listed under files were checked, and a graph path could point anywhere."""
+    from eproj.runtime import Inspector
+
+    edited = _edit(bundles["l2ae"][1], tmp_path, "edited", change)
+    with pytest.raises(BundleError, match=message):
+        load_manifest(edited)
+    with pytest.raises(BundleError, match=message):
+        Inspector.from_bundle(edited, backend="onnxruntime")
+
+
+def _set(path, value):
+    """A manifest edit that sets the field at ``path`` (keys and list indices) to ``value``."""
+    def change(manifest, copy):
+        target = manifest
+        for key in path[:-1]:
+            target = target.setdefault(key, {})
+        target[path[-1]] = value
+    return change
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("change,message", [
+    (_set(("segmentation", "projection", "dssim"), NAN), r"segmentation\.projection\.dssim must be a finite number "
+                                                         r"\(JSON has no NaN or Infinity\), got nan"),
+    (_set(("segmentation", "projection", "score"), -INF), r"segmentation\.projection\.score must be a finite"),
+    (_set(("stop_threshold",), INF), r"field stop_threshold must be a finite number"),
+    (_set(("stop_threshold",), "0.5"), r"field stop_threshold must be a finite number, got '0\.5' \(str\)"),
+    (_set(("projection", "lam"), NAN), r"projection\.lam must be a finite number"),
+    (_set(("projection", "max_iters"), 1e12), r"projection: max_iters must be an integer, got 1000000000000\.0"),
+    (_set(("projection", "alpha"), True), r"projection: alpha must be a number, got True \(bool\)"),
+    (_set(("projection", "step_size"), 0.5), r"projection has unknown parameter\(s\) \['step_size'\]"),
+    (_set(("some_later_field", "limit"), NAN), r"some_later_field\.limit must be a finite number"),
+    (_set(("lr_stats", "min"), "low"), r"lr_stats\.min must be a finite number"),
+    (_set(("family",), "resnet"), r"family must be one of \('l2ae', 'dsae', 'vae', 'gvae'\), got 'resnet'"),
+    (_set(("input", "size"), "32"), r"input\.size must be an integer in \[1, 65536\], got '32' \(str\)"),
+    (_set(("input", "channels"), 2), r"input\.channels must be 1 or 3, got 2"),
+    (_set(("input", "fit"), "crop"), r"input\.fit must be one of \('none', 'resize', 'tile'\)"),
+    (_set(("input", "value_range"), [1.0, 0.0]), r"input\.value_range must be \[low, high\] with low < high"),
+    (_set(("opset",), 17.5), r"opset must be an integer >= 1, got 17\.5"),
+    (_set(("files", "step.onnx", "sha256"), 5), r"files\['step\.onnx'\]\.sha256 must be 64 lowercase hexadecimal"),
+    (_set(("files", "step.onnx", "bytes"), -1), r"files\['step\.onnx'\]\.bytes must be an integer >= 0"),
+    (_set(("graphs",), []), r"field graphs must be an object, got \[\] \(list\)"),
+    (_set(("graphs", "extra"), {"file": "step.onnx", "inputs": {}, "outputs": {}}),
+     r"graphs key 'extra' must be one of \('encoder', 'decoder', 'step', 'step_fp16'\)"),
+    (_set(("graphs", "step", "inputs", "x"), "N,1,32,32"), r"graphs\.step\.inputs\.x must be a list of dimensions"),
+    (lambda m, c: m["graphs"].pop("step"), r"graphs lacks \['step'\]"),
+    (lambda m, c: m.pop("segmentation"), r"lacks the keys \['segmentation'\]"),
+    (_set(("model", "family"), "vae"), r"model\.family must be the bundle's family 'l2ae', got 'vae'"),
+])
+def test_the_manifest_schema_names_the_field(bundles, tmp_path, change, message):
+    edited = _edit(bundles["l2ae"][1], tmp_path, "edited", change)
+    with pytest.raises(BundleError, match=message):
+        load_manifest(edited)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[1, 2]", r"\(the whole manifest\) must be an object, got \[1, 2\] \(list\)"),
+    ("[" * 100000 + "]" * 100000, r"is not valid JSON \(RecursionError"),
+    ('{"schema_version": 1', r"is not valid JSON \(JSONDecodeError"),
+    (b"\xff\xfe{}", r"is not valid JSON \(UnicodeDecodeError"),
+])
+def test_manifests_that_are_not_objects_are_refused(tmp_path, text, message):
+    (tmp_path / "manifest.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(BundleError, match=message):
+        load_manifest(tmp_path)
+
+
+def test_a_fifo_named_like_a_bundle_file_is_never_opened(bundles, tmp_path):
+    import os
+
+    copy = _linked(bundles["l2ae"][1], tmp_path / "copy")
+    (copy / "decoder.onnx").unlink()
+    os.mkfifo(copy / "decoder.onnx")
+    with pytest.raises(BundleError, match=r"decoder\.onnx is missing \(or not a regular file\)"):
+        load_manifest(copy)
+
+
+def test_the_ensemble_file_is_checked(bundles, tmp_path):
+    from eproj.runtime.bundle import Bundle
+    from eproj.bundle import write_manifest
+
+    copy = _linked(bundles["vae"][1], tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "ensemble.json").write_text(json.dumps({"features": ["rec_error", "kl_grad"], "mean": [0.0, NAN],
+                                                     "scale": [1.0, 1.0], "coef": [1.0, 1.0], "intercept": 0.0}))
+    manifest["ensemble"] = {"file": "ensemble.json", "threshold": 0.5}
+    write_manifest(copy, {k: v for k, v in manifest.items() if k not in ("schema_version", "files")})
+    with pytest.raises(BundleError, match=r"ensemble\.json: field mean must be a list of 2 finite numbers"):
+        Bundle.load(copy).ensemble
+
+
+def test_the_stdlib_lists_match_the_training_ones():
+    from eproj import bundle
+    from eproj.runtime.bundle import FITS
+    from eproj.train.models import FAMILIES
+
+    assert bundle.FAMILIES == FAMILIES and bundle.FITS == FITS
+
+
+def test_non_finite_weights_or_thresholds_are_refused_on_export(bundles, tmp_path):
+    import copy
+
+    from eproj.errors import CheckpointError
+    from eproj.export.onnx_graphs import ExportError
+
+    trained = bundles["l2ae"][0]
+    model = copy.deepcopy(trained.model)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ExportError, match=r"refusing to export a model with non-finite weights: "
+                                          r"encoder\.0\.weight \(1 of \d+ values\)"):
+        export_bundle(type(trained)(model, trained.calibration, trained.train, trained.path), tmp_path / "a")
+    calibration = {**trained.calibration, "segmentation": {"projection": {"dssim": NAN, "score": 0.1}}}
+    with pytest.raises(CheckpointError, match=r"segmentation\.projection\.dssim must be a finite number"):
+        export_bundle(type(trained)(trained.model, calibration, trained.train, trained.path), tmp_path / "b")
+    assert not (tmp_path / "a" / "manifest.json").exists() and not (tmp_path / "b" / "manifest.json").exists()
