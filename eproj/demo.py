@@ -24,6 +24,7 @@ from eproj.errors import CheckpointError, DataError
 from eproj.train.checkpoint import TrainedModel, load_model
 from eproj.export.onnx_graphs import export_bundle
 from eproj.runtime import Inspector
+from eproj.runtime.cli import put_label
 from eproj.train.evaluate import SampleResult, evaluate, write_json
 
 MODELS_DIR = Path(str(resources.files("eproj") / "models"))
@@ -38,8 +39,10 @@ SHIPPED: dict[str, tuple[str, str, int, float]] = {
 }
 PANEL_ROWS = 6
 CELL = 192
+BAR = 64  # the colour bar of each row's DSSIM maps, right of the cells
 COLUMNS = ("input", "reconstruction", "projection", "DSSIM recon.", "DSSIM proj.",
            "mask recon.", "mask proj.")
+FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def train_command(name: str, out: Path | str | None = None, steps: int | None = None) -> str:
@@ -74,32 +77,71 @@ def _mask_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None)
     return base
 
 
-def _label(text: str, width: int, height: int = 28) -> np.ndarray:
+def _label(text: str, width: int, height: int = 32, scale: float = 0.6) -> np.ndarray:
+    """A white strip with ``text`` in dark grey, left-aligned."""
     strip = np.full((height, width, 3), 255, np.uint8)
-    cv2.putText(strip, text, (6, height - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (20, 20, 20), 1, cv2.LINE_AA)
+    cv2.putText(strip, text, (6, height - 10), FONT, scale, (20, 20, 20), 1, cv2.LINE_AA)
     return strip
 
 
+def colour_bar(vmax: float, height: int = CELL, width: int = BAR) -> np.ndarray:
+    """The DSSIM maps' colour scale, (height, width, 3) uint8 BGR: the inferno ramp from
+    0 (bottom) to ``vmax`` (top, the row's shared scale) with both values written beside it."""
+    ramp = np.linspace(255, 0, height).astype(np.uint8)[:, None].repeat(14, axis=1)
+    bar = np.full((height, width, 3), 255, np.uint8)
+    bar[:, 4:18] = cv2.applyColorMap(ramp, cv2.COLORMAP_INFERNO)
+    cv2.putText(bar, f"{vmax:.2f}", (20, 14), FONT, 0.42, (20, 20, 20), 1, cv2.LINE_AA)
+    cv2.putText(bar, "0", (20, height - 4), FONT, 0.42, (20, 20, 20), 1, cv2.LINE_AA)
+    return bar
+
+
+def verdict(result: SampleResult, threshold: float) -> str:
+    """The evaluation's verdict (``SampleResult.defect``) as DEFECT or ok; for a result
+    not judged there, the image score against the calibrated score ``threshold``."""
+    defect = getattr(result, "defect", None)
+    return "DEFECT" if (result.score > threshold if defect is None else defect) else "ok"
+
+
+def row_caption(recon: SampleResult, proj: SampleResult, trained: TrainedModel) -> str:
+    """The caption of one panel row: the image, its truth, each method's score and verdict."""
+    truth = "defective" if recon.sample.label == 1 else "good"
+    parts = [f"{recon.sample.name} ({truth})"]
+    for method, short, result in (("reconstruction", "recon.", recon), ("projection", "proj.", proj)):
+        label = verdict(result, trained.segmentation_threshold(method, "score"))
+        reason = getattr(result, "reason", "")
+        parts.append(f"{short} score {result.score:.3f} {label}" + (f" ({reason})" if reason else ""))
+    parts.append(f"{proj.iterations:.0f} iterations")
+    return "  |  ".join(parts)
+
+
 def panel(name: str, trained: TrainedModel, recon: list[SampleResult], proj: list[SampleResult]) -> np.ndarray:
-    """One picture per model: a row per chosen test image, the columns in ``COLUMNS``."""
+    """One picture per model: a row per chosen test image, the columns in ``COLUMNS`` and the
+    colour bar of the row's DSSIM maps; each row's caption gives both methods' scores and verdicts,
+    and each mask cell its method's verdict."""
     defective = [i for i, r in enumerate(recon) if r.sample.label == 1]
     good = [i for i, r in enumerate(recon) if r.sample.label == 0]
     chosen = defective[:PANEL_ROWS - 1] + good[:1]
     t_rec = trained.segmentation_threshold("reconstruction")
     t_proj = trained.segmentation_threshold("projection")
-    rows = [np.concatenate([_label(c, CELL) for c in COLUMNS], axis=1)]
+    s_rec = trained.segmentation_threshold("reconstruction", "score")
+    s_proj = trained.segmentation_threshold("projection", "score")
+    width = CELL * len(COLUMNS) + BAR
+    rows = [np.concatenate([_label(c, CELL) for c in COLUMNS] + [_label("DSSIM", BAR, scale=0.45)], axis=1)]
     for i in chosen:
         r, p = recon[i], proj[i]
         image = r.sample.image
-        vmax = float(max(np.percentile(r.maps["dssim"], 99.9), np.percentile(p.maps["dssim"], 99.9)))
-        cells = [_gray_to_bgr(image), _gray_to_bgr(r.target), _gray_to_bgr(p.target),
-                 _heat(r.maps["dssim"], vmax), _heat(p.maps["dssim"], vmax),
-                 _mask_overlay(image, r.maps["dssim"] > t_rec, r.sample.mask),
+        vmax = float(max(np.percentile(r.maps["dssim"], 99.9), np.percentile(p.maps["dssim"], 99.9), 1e-6))
+        masks = [_mask_overlay(image, r.maps["dssim"] > t_rec, r.sample.mask),
                  _mask_overlay(image, p.maps["dssim"] > t_proj, p.sample.mask)]
-        rows.append(_label(f"{r.sample.name}  (projection: {p.iterations:.0f} iterations)", CELL * len(COLUMNS)))
+        for cell, result, threshold in zip(masks, (r, p), (s_rec, s_proj)):
+            label = verdict(result, threshold)
+            put_label(cell, f"{label} {result.score:.3f}", (0, 0, 255) if label == "DEFECT" else (60, 200, 60))
+        cells = [_gray_to_bgr(image), _gray_to_bgr(r.target), _gray_to_bgr(p.target),
+                 _heat(r.maps["dssim"], vmax), _heat(p.maps["dssim"], vmax), *masks, colour_bar(vmax)]
+        rows.append(_label(row_caption(r, p, trained), width, scale=0.55))
         rows.append(np.concatenate(cells, axis=1))
-    title = _label(f"{name}: input, f(x0), projection, DSSIM maps (shared scale per row), "
-                   f"masks (red) with ground truth (green)", CELL * len(COLUMNS), 34)
+    title = _label(f"{name}: input, f(x0), projection, DSSIM maps (shared scale per row, bar at right), "
+                   f"masks (red) with ground truth (green)", width, 36)
     return np.concatenate([title] + rows, axis=0)
 
 
