@@ -111,12 +111,9 @@ class _Fields:
         return float(value)
 
     def numbers(self, value: Any, field: str) -> None:
-        """An object of finite numbers, or an object of such objects (thresholds, statistics)."""
+        """An object of finite numbers (thresholds, statistics)."""
         for key, item in self.mapping(value, field).items():
-            if isinstance(item, dict):
-                self.numbers(item, f"{field}.{key}")
-            else:
-                self.number(item, f"{field}.{key}")
+            self.number(item, f"{field}.{key}")
 
     def shape(self, value: Any, field: str) -> None:
         if not isinstance(value, list) or not all(
