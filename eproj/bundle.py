@@ -51,9 +51,11 @@ ENGINE_SUFFIX = ".engine"
 REQUIRED_KEYS = ("schema_version", "eproj_version", "family", "input", "lr_definition", "stop_threshold",
                  "segmentation", "projection", "opset", "files", "graphs")
 # the model families (eproj.train.models.FAMILIES; repeated here, where torch is not imported)
-FAMILIES = ("l2ae", "dsae", "vae", "gvae")
+FAMILIES = ("l2ae", "dsae", "vae", "gvae", "unet")
 FITS = ("none", "resize", "tile")
 REQUIRED_GRAPHS = ("encoder", "decoder", "step")
+# the U-Net has no latent code between an encoder and a decoder: its bundle has the step graph(s) alone
+FAMILY_GRAPHS = {"unet": ("step",)}
 GRAPHS = REQUIRED_GRAPHS + ("step_fp16",)
 FILE_SECTIONS = ("weights", "ensemble", "torch_step")  # optional sections that name one file each
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -203,9 +205,11 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
         check.integer(entry.get("bytes"), f"files[{name!r}].bytes", 0)
 
     graphs = check.mapping(manifest["graphs"], "graphs")
-    absent = [g for g in REQUIRED_GRAPHS if g not in graphs]
+    required = FAMILY_GRAPHS.get(manifest["family"], REQUIRED_GRAPHS)
+    absent = [g for g in required if g not in graphs]
     if absent:
-        raise BundleError(f"{where}: manifest field graphs lacks {absent} (every bundle has {list(REQUIRED_GRAPHS)})")
+        raise BundleError(f"{where}: manifest field graphs lacks {absent} (every {manifest['family']} bundle has "
+                          f"{list(required)})")
     for name, entry in graphs.items():
         check.one_of(name, f"graphs key {name!r}", GRAPHS)
         check.mapping(entry, f"graphs.{name}")
@@ -337,9 +341,11 @@ def _check_shapes(manifest: dict[str, Any], path: Path) -> None:
     size, channels = manifest["input"]["size"], manifest["input"]["channels"]
     expected = ["N", channels, size, size]
     graphs = manifest["graphs"]
-    declared = {"step input x": graphs["step"]["inputs"].get("x"),
-                "encoder input x": graphs["encoder"]["inputs"].get("x"),
-                "decoder output reconstruction": graphs["decoder"]["outputs"].get("reconstruction")}
+    declared = {"step input x": graphs["step"]["inputs"].get("x")}
+    if "encoder" in graphs:  # every family's bundle but the U-Net's
+        declared["encoder input x"] = graphs["encoder"]["inputs"].get("x")
+    if "decoder" in graphs:
+        declared["decoder output reconstruction"] = graphs["decoder"]["outputs"].get("reconstruction")
     if "step_fp16" in graphs:
         declared["step_fp16 input x"] = graphs["step_fp16"]["inputs"].get("x")
     for what, shape in declared.items():

@@ -120,15 +120,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from eproj.train.trainer import TrainConfig, train
 
     _set_threads(args)
-    architecture = args.arch or ("zimmerer" if args.size == 64 else "bergmann")
+    from eproj.errors import ConfigError
+
+    if args.model == "unet" and args.latent is not None:
+        raise ConfigError("--latent sets the latent size of the autoencoders; the unet family has no latent code "
+                          "(--width sets its feature width)")
+    if args.model != "unet" and args.width is not None:
+        raise ConfigError(f"--width sets the U-Net's feature width; --model {args.model} has none (--latent sets "
+                          f"its latent size)")
+    architecture = args.arch or ("unet" if args.model == "unet" else "zimmerer" if args.size == 64 else "bergmann")
     model_config = ModelConfig(family=args.model, architecture=architecture, size=args.size,
                                channels=args.channels or _data_channels(args.data, args.size),
                                **_given(latent=args.latent, beta=args.beta,
-                                        decoder_variance=args.decoder_variance))
+                                        decoder_variance=args.decoder_variance, width=args.width))
     train_config = TrainConfig(data=args.data, **_given(steps=args.steps, batch=args.batch, lr=args.lr,
                                                         seed=args.seed, checkpoint_every=args.checkpoint_every,
                                                         weights=args.weights, kl_warmup=args.kl_warmup,
                                                         regime=args.regime, corruption=args.corruption,
+                                                        fgsm_eps=args.fgsm_eps,
                                                         fit=args.fit))
     out = train(args.out, model_config, train_config, calibrate_after=not args.no_calibrate)
     print(f"wrote {out}")
@@ -345,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "train", "train an autoencoder on normal images (needs eproj[train])")
     p.add_argument("--data", required=True, help="textures:NAME|PATH, mvtec:PATH/CATEGORY or folder:PATH")
-    p.add_argument("--model", required=True, choices=("l2ae", "dsae", "vae", "gvae"), help="the model family")
+    p.add_argument("--model", required=True, choices=("l2ae", "dsae", "vae", "gvae", "unet"),
+                   help="the model family (unet: the U-Net, L2 loss, on its own architecture)")
+    p.add_argument("--width", type=_positive_int, default=None,
+                   help="unet: the first feature width w (widths w, 2w, 4w, 8w, 8w) [16]")
     # Options left unset keep the defaults of ModelConfig and TrainConfig (the values in brackets),
     # so that `eproj train` and `eproj demo --train` cannot drift apart.
     p.add_argument("--beta", type=_finite_float, default=None, help="KL weight of the vae family [1; 1 = VAE]")
@@ -368,8 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("float32", "float16"), default=None,
                    help="dtype of the weights in model.pt [float32]; float16 halves its size; may change when "
                         "resuming")
-    p.add_argument("--regime", choices=("plain", "corrupt"), default=None,
-                   help="plain: reconstruct the input; corrupt: reconstruct it from a partly corrupted copy [plain]")
+    p.add_argument("--fgsm-eps", type=_finite_float, default=None,
+                   help="puzzle regime: the FGSM magnitude on the puzzled input [0.01; 0 disables it]")
+    p.add_argument("--regime", choices=("plain", "corrupt", "puzzle"), default=None,
+                   help="plain: reconstruct the input; corrupt: reconstruct it from a partly corrupted copy; puzzle: "
+                        "from its 2x2 tile puzzle with one tile corrupted, under FGSM [plain]")
     p.add_argument("--corruption", choices=("patches", "cevae"), default=None,
                    help="corrupt regime: patches (noise, foreign, shuffled, deformed regions) or cevae "
                         "(the context-encoding VAE: noise squares beside the plain loss) [patches]")

@@ -3,7 +3,8 @@
 ``export_bundle`` writes, into one folder:
 
 - ``encoder.onnx``: x (N, C, S, S) -> mu (N, d) (and logvar (N, d) for vae/gvae);
-- ``decoder.onnx``: z (N, d) -> reconstruction (N, C, S, S);
+- ``decoder.onnx``: z (N, d) -> reconstruction (N, C, S, S); the U-Net (unet) has no
+  latent code and no encoder or decoder graph: its reconstruction is the step's;
 - ``step.onnx``: x -> reconstruction, loss (N,), grad (N, C, S, S) (and kl, kl_grad
   for vae/gvae): one projection step without autograd (``eproj.export.step``);
 - with ``fp16=True``, ``step_fp16.onnx``: the same step with the network and its
@@ -46,6 +47,7 @@ LR_DEFINITIONS = {
     "dsae": "sum over pixels of the channel-mean DSSIM(x, f(x)), 11x11 Gaussian window, sigma 1.5, "
             "K1 0.01, K2 0.03, symmetric borders",
     "gvae": "sum over pixels of (x - f(x))^2 / (2 gamma^2) + D log gamma, f at the encoder mean",
+    "unet": "sum over pixels of (x - U(x))^2, U the U-Net",
 }
 
 
@@ -209,14 +211,14 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
     cfg = model.config
     x = torch.rand(2, cfg.channels, cfg.size, cfg.size)
     variational = cfg.variational
-    graphs = {
-        "encoder": _export(_Encoder(model), x, out / "encoder.onnx", "x",
-                           ["mu", "logvar"] if variational else ["mu"], opset),
-        "decoder": _export(_Decoder(model), torch.rand(2, cfg.latent), out / "decoder.onnx", "z",
-                           ["reconstruction"], opset),
-        "step": _export(StepModule(model), x, out / "step.onnx", "x",
-                        ["reconstruction", "loss", "grad"] + (["kl", "kl_grad"] if variational else []), opset),
-    }
+    graphs = {}
+    if isinstance(model, Autoencoder):  # the U-Net has no latent code: its step graph gives its reconstruction
+        graphs["encoder"] = _export(_Encoder(model), x, out / "encoder.onnx", "x",
+                                    ["mu", "logvar"] if variational else ["mu"], opset)
+        graphs["decoder"] = _export(_Decoder(model), torch.rand(2, cfg.latent), out / "decoder.onnx", "z",
+                                    ["reconstruction"], opset)
+    graphs["step"] = _export(StepModule(model), x, out / "step.onnx", "x",
+                             ["reconstruction", "loss", "grad"] + (["kl", "kl_grad"] if variational else []), opset)
     if fp16:
         graphs["step_fp16"] = _export(_half_step(model), x, out / "step_fp16.onnx", "x",
                                       list(graphs["step"]["outputs"]), opset)
@@ -235,11 +237,17 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         "input": {"size": cfg.size, "channels": cfg.channels, "layout": "NCHW", "dtype": "float32",
                   "value_range": [0.0, 1.0], "channel_order": "RGB" if cfg.channels == 3 else "gray",
                   "normalisation": "8-bit pixels divided by 255, 16-bit by 65535; no mean or std",
-                  "fit": fit_of(trained.train["data"]) if trained.train.get("data") else "resize"},
+                  **_input_geometry(trained.train)},
         "lr_definition": LR_DEFINITIONS[cfg.family],
         "stop_threshold": float(cal["stop_threshold"]),
+        # the stop rule in force and every rule calibrated (eproj.train.calibrate); a model
+        # calibrated before stop rules has its training-minimum threshold only
+        "stop_rule": cal.get("stop_rule", "training-min"),
+        "stop_rules": cal.get("stop_rules", {"training-min": {"stop_threshold": float(cal["stop_threshold"]),
+                                                              "max_iters": None, "gate_lr": None}}),
         "lr_stats": cal["lr_stats"],
         "segmentation": cal["segmentation"],
+        **({"decision": cal["decision"]} if "decision" in cal else {}),  # the verdict (eproj.decision)
         "projection": cal["projection"],
         "opset": opset,
         "graphs": graphs,
@@ -258,6 +266,19 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         manifest["ensemble"] = {"file": "ensemble.json", "threshold": 0.5,
                                 "note": "logistic regression over the pixel-wise predictors; map = probability"}
     return write_manifest(out, manifest)
+
+
+def _input_geometry(train: dict[str, Any]) -> dict[str, Any]:
+    """The manifest ``input``'s geometry from the checkpoint's training record: ``fit`` ("tile" or
+    "resize") and, for "tile", ``scale``, the factor training resized its images by before cropping,
+    which the runtime resizes frames by before tiling. Checkpoints from before eproj recorded it:
+    the fit from the data spec and scale 1.0 (frames tiled at their own size, as then), said in
+    ``scale_recorded``."""
+    recorded = train.get("input")
+    if recorded:
+        return {"fit": recorded["fit"], "scale": recorded.get("scale"), "scale_recorded": True}
+    fit = fit_of(train["data"]) if train.get("data") else "resize"
+    return {"fit": fit, "scale": 1.0 if fit == "tile" else None, "scale_recorded": False}
 
 
 def _export_torch_step(model: Autoencoder, example: torch.Tensor, path: Path) -> dict[str, Any]:

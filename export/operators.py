@@ -13,4 +13,6 @@ ALLOWED_OPS = frozenset({
     "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "Cast",
     # reductions and selection
     "ReduceSum", "ReduceMean", "Greater", "Less", "Where",
+    # elementwise maximum (the U-Net's 2x2 max-pooling, written as the Max of four strided Slices)
+    "Max",
 })

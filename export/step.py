@@ -14,7 +14,18 @@ layer with forward operators only:
   written as two banded matrices, filter(X) = A_h X A_w^T, whose adjoint is
   A_h^T G A_w: matrix products only;
 - the gamma-VAE's Lr scales the squared residual by 1/(2 gamma^2), applied after the
-  network's backward pass so that a small gamma cannot overflow a float16 graph.
+  network's backward pass so that a small gamma cannot overflow a float16 graph;
+- the U-Net (``unet``): ReLU's is the factor (output > 0), 1 or 0 exactly (autograd's
+  derivative at 0 is 0 too); a concatenation's is a split. Bilinear x2 upsampling
+  with align_corners=True is linear along each axis: up(X) = B X B^T with a fixed
+  (2n, n) matrix B (``upsampling_matrix``), so the step computes it so and its
+  adjoint is B^T G B: matrix products only (no Resize operator). 2x2 max-pooling is
+  the elementwise Max of the four strided slices a, b, c, d of each window (top-left,
+  top-right, bottom-left, bottom-right); its adjoint routes each window's gradient
+  to one element that equals the max, chosen as autograd chooses it: the first in
+  that order (PyTorch's CPU kernel keeps the first maximum, a later equal value does
+  not replace it). Equality is 1 - (v < max), exact since v <= max; the routed
+  slices are interleaved back by Unsqueeze/Concat/Reshape (no MaxPool indices).
 
 For the variational families the KL term and its input gradient are extra
 outputs. ``StepModule`` is checked against autograd on the reference
@@ -28,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eproj.train.losses import SSIM_K1, SSIM_K2, SSIM_SIGMA, SSIM_WINDOW, gaussian_taps
-from eproj.train.models import Autoencoder
+from eproj.train.models import UNET_LEVELS, Autoencoder, Model, UNet
 
 
 def gaussian_matrix(n: int, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
@@ -51,6 +62,54 @@ def gaussian_matrix(n: int, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA
                 j = 2 * n - j - 1
             a[i, j] += taps[t]
     return a
+
+
+def upsampling_matrix(n: int) -> torch.Tensor:
+    """(2n, n) float64 matrix B of bilinear x2 upsampling with align_corners=True along one axis.
+
+    Output sample i reads the input at s = i (n - 1) / (2n - 1): (1 - t) v[floor s] + t v[floor s + 1],
+    t = s - floor s; for n = 1 every output is the one input. For (N, C, n, n) X,
+    ``F.interpolate(X, scale_factor=2, mode="bilinear", align_corners=True) = B X B^T``.
+    """
+    if n < 1:
+        raise ValueError(f"an axis must have at least one sample, got {n}")
+    b = torch.zeros(2 * n, n, dtype=torch.float64)
+    for i in range(2 * n):
+        s = i * (n - 1) / (2 * n - 1)
+        lo = min(int(s), n - 1)
+        t = s - lo
+        b[i, lo] += 1.0 - t
+        if t > 0:
+            b[i, lo + 1] += t
+    return b
+
+
+def max_pool(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max-pooling of (N, C, 2h, 2w) as the elementwise max of the windows' four slices."""
+    a, b, c, d = _window_slices(x)
+    return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+
+
+def _window_slices(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The top-left, top-right, bottom-left and bottom-right elements of every 2x2 window."""
+    return x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+
+
+def max_pool_adjoint(x: torch.Tensor, pooled: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Gradient at the input x (N, C, 2h, 2w) of 2x2 max-pooling from the gradient at its output
+    ``pooled`` (N, C, h, w): each window's gradient goes to its first element (top-left, top-right,
+    bottom-left, bottom-right) equal to the max, as autograd routes it; the others get 0."""
+    taken = torch.zeros_like(pooled)
+    routed = []
+    for value in _window_slices(x)[:3]:
+        share = (1.0 - taken) * (1.0 - (value < pooled).to(grad.dtype))
+        routed.append(grad * share)
+        taken = taken + share
+    routed.append(grad * (1.0 - taken))  # no earlier element was the max: the last one is
+    n_c, h, w = grad.shape[1], grad.shape[2], grad.shape[3]
+    top = torch.stack(routed[:2], dim=-1).reshape(-1, n_c, h, 2 * w)
+    bottom = torch.stack(routed[2:], dim=-1).reshape(-1, n_c, h, 2 * w)
+    return torch.stack([top, bottom], dim=-2).reshape(-1, n_c, 2 * h, 2 * w)
 
 
 def transposed_conv(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
@@ -81,6 +140,8 @@ def _layer_input_grad(layer: nn.Module, grad_out: torch.Tensor, output: torch.Te
         # float16: its subnormals span too wide a range for the clip; exact for every value
         positive = (output > 0).to(grad_out.dtype)
         return grad_out * (positive + slope * (1.0 - positive))
+    if isinstance(layer, nn.ReLU):
+        return grad_out * (output > 0).to(grad_out.dtype)
     if isinstance(layer, nn.Sigmoid):
         return grad_out * output * (1.0 - output)
     if isinstance(layer, nn.Conv2d):
@@ -122,7 +183,7 @@ class StepModule(nn.Module):
         for vae/gvae also kl (N,) and d kl / dx (N, C, H, W).
     """
 
-    def __init__(self, model: Autoencoder, loss_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: Model, loss_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
         self.family = model.config.family
@@ -132,6 +193,52 @@ class StepModule(nn.Module):
         self.loss_dtype = loss_dtype or self.network_dtype
         if self.family == "dsae":
             self.register_buffer("filter_matrix", gaussian_matrix(model.config.size).to(self.loss_dtype))
+        if self.family == "unet":
+            # one upsampling matrix per level below the top, in the network's type
+            for level in range(1, UNET_LEVELS):
+                n = model.config.size >> level
+                self.register_buffer(f"upsampling_{level}", upsampling_matrix(n).to(self.network_dtype))
+
+    def _upsampling(self, level: int) -> torch.Tensor:
+        """B of the upsampling from level ``level`` (1/2^level of the input) to the level above."""
+        return getattr(self, f"upsampling_{level}")
+
+    def _unet_forward(self, x: torch.Tensor) -> tuple[list, list, list]:
+        """The U-Net's values: per level, its down block's layer outputs (input first) and its pooled
+        input; per up level, its up block's layer outputs (the concatenation first); the output block's."""
+        model = self.model
+        assert isinstance(model, UNet)
+        down, pooled = [_run(model.down[0], x)], [None]
+        for level in range(1, UNET_LEVELS):
+            pooled.append(max_pool(down[-1][-1]))
+            down.append(_run(model.down[level], pooled[-1]))
+        up: list = [None] * (UNET_LEVELS - 1)
+        h = down[-1][-1]
+        for level in range(UNET_LEVELS - 2, -1, -1):
+            b = self._upsampling(level + 1)
+            upsampled = torch.matmul(torch.matmul(b, h), b.transpose(0, 1))
+            up[level] = _run(model.up[level], torch.cat([down[level][-1], upsampled], dim=1))
+            h = up[level][-1]
+        return down, pooled, up + [_run(model.out, h)]
+
+    def _unet_backward(self, down: list, pooled: list, up: list, grad: torch.Tensor) -> torch.Tensor:
+        """Gradient at the U-Net's input from the gradient at its output (forward operators only)."""
+        model = self.model
+        assert isinstance(model, UNet)
+        grad = _backward(model.out, up[-1], grad)
+        skip_grads = []
+        for level in range(UNET_LEVELS - 1):
+            grad_cat = _backward(model.up[level], up[level], grad)
+            skip = down[level][-1].shape[1]
+            skip_grads.append(grad_cat[:, :skip])
+            b = self._upsampling(level + 1)
+            grad = torch.matmul(torch.matmul(b.transpose(0, 1), grad_cat[:, skip:]), b)
+        for level in range(UNET_LEVELS - 1, -1, -1):
+            grad = _backward(model.down[level], down[level], grad)
+            if level == 0:
+                return grad
+            grad = max_pool_adjoint(down[level - 1][-1], pooled[level], grad) + skip_grads[level - 1]
+        raise AssertionError("unreachable")
 
     def _gaussian(self, x: torch.Tensor) -> torch.Tensor:
         a = self.filter_matrix
@@ -169,6 +276,14 @@ class StepModule(nn.Module):
     def forward(self, x: torch.Tensor):
         model, cfg = self.model, self.model.config
         net, wide = self.network_dtype, self.loss_dtype
+        if isinstance(model, UNet):
+            down, pooled, up = self._unet_forward(x.to(net))
+            reconstruction = up[-1][-1].to(wide)
+            x = x.to(wide)
+            residual = x - reconstruction
+            loss = (residual * residual).sum(dim=(1, 2, 3))
+            grad_network = self._unet_backward(down, pooled, up, (-2.0 * residual).to(net)).to(wide)
+            return reconstruction, loss, 2.0 * residual + grad_network
         encoded = _run(model.encoder, x.to(net))
         h = encoded[-1]
         mu = h[:, :cfg.latent] if cfg.variational else h

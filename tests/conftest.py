@@ -65,7 +65,7 @@ def tiny_model():
     from eproj.train.models import ModelConfig, build_model
 
     def make(family: str = "l2ae", size: int = 32, channels: int = 1, latent: int = 8,
-             architecture: str = "bergmann", dtype=torch.float64, seed: int = 0):
+             architecture: str | None = None, dtype=torch.float64, seed: int = 0):
         torch.manual_seed(seed)
         model = build_model(ModelConfig(family=family, architecture=architecture, size=size,
                                         channels=channels, latent=latent))

@@ -1,6 +1,6 @@
 """Autoencoder architectures and the model families built on them.
 
-Two architectures:
+Three architectures:
 
 - ``bergmann``: the convolutional autoencoder of Bergmann et al. (2019) for
   128x128 inputs (any multiple of 16 works: the last encoder kernel is size/16).
@@ -9,8 +9,12 @@ Two architectures:
   convolutions; LeakyReLU(0.2); sigmoid output.
 - ``zimmerer``: the smaller fully convolutional VAE for 64x64 inputs of Zimmerer
   et al. (feature maps 16-32-64-256, 4x4 stride-2 convolutions, LeakyReLU).
+- ``unet``: the standard U-Net without batch norm (Puzzle-AE, Salehi et al.):
+  double 3x3 convolution + ReLU blocks of widths w, 2w, 4w, 8w, 8w down to 1/16
+  of the input with 2x2 max-pooling, bilinear x2 upsampling (align_corners=True)
+  and skip concatenation back up, a 1x1 output convolution and a sigmoid.
 
-Families (the paper's Table 1), all on the same architecture:
+Families (the paper's Table 1) on the Bergmann or Zimmerer architecture:
 
 - ``l2ae``: deterministic, L2 loss.
 - ``dsae``: deterministic, DSSIM loss.
@@ -18,6 +22,12 @@ Families (the paper's Table 1), all on the same architecture:
   ``decoder_variance``; KL weight ``beta`` (beta = 1 is the VAE, other values
   the beta-VAE).
 - ``gvae``: the gamma-VAE of Dai & Wipf, decoder variance gamma^2 learned.
+
+and, on its own architecture:
+
+- ``unet``: the U-Net, deterministic, L2 loss (Lr as for ``l2ae``). It has no
+  bottleneck, so it reconstructs anything unless its training forbids copying
+  (``--regime corrupt`` or ``puzzle``).
 
 A model maps images in [0, 1] of shape (N, C, H, W) to reconstructions of the
 same shape; ``model(x)`` is f(x), the decoder applied to the encoder mean.
@@ -28,12 +38,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from eproj.errors import ConfigError
 
-FAMILIES = ("l2ae", "dsae", "vae", "gvae")
-ARCHITECTURES = ("bergmann", "zimmerer")
+FAMILIES = ("l2ae", "dsae", "vae", "gvae", "unet")
+ARCHITECTURES = ("bergmann", "zimmerer", "unet")
+UNET_LEVELS = 5  # feature levels of the U-Net: full resolution down to 1/16
 
 # (out_channels, kernel, stride) of the Bergmann encoder; the last entry's
 # channel count is the latent size d and its kernel is size // 16.
@@ -48,19 +60,28 @@ class ModelConfig:
     """Everything needed to rebuild a model; stored in checkpoints as plain values."""
 
     family: str = "l2ae"
-    architecture: str = "bergmann"
+    # None: the family's default, "unet" for the unet family and "bergmann" for the others
+    architecture: str | None = None
     size: int = 128
     channels: int = 1
-    latent: int = 100
+    latent: int = 100  # the latent size d of the autoencoders (the U-Net has no latent code)
     beta: float = 1.0
     decoder_variance: float = 0.01  # fixed sigma^2 of the vae family's Gaussian decoder
+    width: int = 16  # w, the U-Net's first feature width (the unet family only)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"model family must be one of {FAMILIES}, got {self.family!r}")
+        if self.architecture is None:
+            object.__setattr__(self, "architecture", "unet" if self.family == "unet" else "bergmann")
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(
                 f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if (self.family == "unet") != (self.architecture == "unet"):
+            raise ConfigError(f"the unet family runs on the unet architecture and only it does; got family "
+                              f"{self.family!r} with architecture {self.architecture!r}")
+        if isinstance(self.width, bool) or not isinstance(self.width, int) or not 1 <= self.width <= 256:
+            raise ConfigError(f"U-Net width must be an integer in [1, 256], got {self.width!r}")
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
         if self.size < 16 or self.size % 16:
@@ -86,6 +107,11 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys {sorted(unknown)}; expected {sorted(known)}")
         return cls(**values)
+
+
+def unet_widths(width: int) -> tuple[int, ...]:
+    """The U-Net's feature widths per level, full resolution first: w, 2w, 4w, 8w, 8w."""
+    return (width, 2 * width, 4 * width, 8 * width, 8 * width)
 
 
 def _act() -> nn.Module:
@@ -192,8 +218,75 @@ class Autoencoder(nn.Module):
         return self.decode(self.encode(x)[0])
 
 
-def build_model(config: ModelConfig) -> Autoencoder:
-    """Build a fresh model for ``config`` (He initialisation, see ``_he_init``)."""
+def _double_conv(in_ch: int, mid_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_ch, mid_ch, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(mid_ch, out_ch, 3, padding=1), nn.ReLU())
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear x2 upsampling with align_corners=True: (N, C, h, w) -> (N, C, 2h, 2w)."""
+    return F.interpolate(x, size=(2 * x.shape[-2], 2 * x.shape[-1]), mode="bilinear", align_corners=True)
+
+
+class UNet(nn.Module):
+    """The U-Net of the unet family (no batch norm), on images in [0, 1].
+
+    ``down[l]`` (l = 0..4) is the double 3x3 convolution + ReLU block at 1/2^l of the
+    input size, widths ``unet_widths(w)``; levels 1..4 first max-pool by 2. ``up[l]``
+    (l = 3..0, applied in that order) takes the concatenation [skip features of level
+    l, bilinear x2 upsampling of the level below] (2 * widths[l] channels) to
+    widths[l - 1] (w at level 0) through a double convolution of middle width
+    widths[l]. ``out`` is the 1x1 convolution to C channels and the sigmoid.
+
+    The sigmoid, not a clamp, keeps the output in [0, 1]: a clamp has a zero
+    derivative wherever the output leaves the range, which stops both training and
+    the projection's input gradient there; the sigmoid is smooth everywhere and is
+    the output of every other family.
+
+    ``encode(x)`` returns ``(features, None)``, ``features`` the tuple of the five
+    levels' block outputs (the U-Net's code is its whole feature pyramid, there is no
+    latent vector); ``decode(features)`` returns (N, C, H, W) in [0, 1];
+    ``forward(x) = decode(encode(x)[0])``, the reconstruction f(x).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = unet_widths(config.width)
+        ins = (config.channels,) + widths[:-1]
+        self.down = nn.ModuleList(_double_conv(i, o, o) for i, o in zip(ins, widths))
+        self.up = nn.ModuleList(_double_conv(2 * widths[level], widths[level], widths[max(level - 1, 0)])
+                                for level in range(UNET_LEVELS - 1))
+        self.out = nn.Sequential(nn.Conv2d(widths[0], config.channels, 1), nn.Sigmoid())
+        for module in self.modules():  # He initialisation for ReLU, zero biases
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                assert module.bias is not None
+                nn.init.zeros_(module.bias)
+
+    def encode(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], None]:
+        features = [self.down[0](x)]
+        for level in range(1, UNET_LEVELS):
+            features.append(self.down[level](F.max_pool2d(features[-1], 2)))
+        return tuple(features), None
+
+    def decode(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        h = features[-1]
+        for level in range(UNET_LEVELS - 2, -1, -1):
+            h = self.up[level](torch.cat([features[level], upsample(h)], dim=1))
+        return self.out(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x)[0])
+
+
+Model = Autoencoder | UNet
+
+
+def build_model(config: ModelConfig) -> Model:
+    """Build a fresh model for ``config`` (He initialisation, see ``_he_init`` and ``UNet``)."""
+    if config.family == "unet":
+        return UNet(config)
     return Autoencoder(config)
 
 

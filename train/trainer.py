@@ -22,9 +22,10 @@ from eproj.train.corruption import PRESETS, corrupt
 from eproj.train.data import TRAINING_FITS, DataSource, fit_of, load_source
 from eproj.train.losses import training_loss
 from eproj.train.models import ModelConfig, build_model
+from eproj.train.puzzle import permutation_kind, puzzle_loss, puzzle_record
 
 
-REGIMES = ("plain", "corrupt")
+REGIMES = ("plain", "corrupt", "puzzle")
 # TrainConfig fields a resumed run must share with the run it resumes: they decide which
 # batches are drawn and how each step moves the weights. ``steps`` (to extend a run),
 # ``checkpoint_every`` and ``weights`` (the dtype of model.pt) may change.
@@ -46,6 +47,7 @@ class TrainConfig:
     regime: str = "plain"  # "plain": reconstruct x; "corrupt": reconstruct x from a partly corrupted x
     corruption: str = "patches"  # the corruption preset of the corrupt regime (eproj.train.corruption.PRESETS)
     fit: str | None = None  # "tile" or "resize"; None: the data's default (eproj.train.data.fit_of)
+    fgsm_eps: float = 0.01  # the puzzle regime's FGSM magnitude (eproj.train.puzzle); 0 disables it
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -64,6 +66,9 @@ class TrainConfig:
             raise ConfigError(f"regime must be one of {REGIMES}, got {self.regime!r}")
         if self.corruption not in PRESETS:
             raise ConfigError(f"corruption must be one of {sorted(PRESETS)}, got {self.corruption!r}")
+        if isinstance(self.fgsm_eps, bool) or not isinstance(self.fgsm_eps, (int, float)) \
+                or not 0 <= self.fgsm_eps < 1:
+            raise ConfigError(f"FGSM eps must be a number in [0, 1), got {self.fgsm_eps!r}")
         if self.fit is not None and self.fit not in TRAINING_FITS:
             raise ConfigError(f"fit must be one of {TRAINING_FITS} (or None: the data's default), got {self.fit!r}")
 
@@ -81,12 +86,14 @@ def _checkpoint(model, optimizer, model_config: ModelConfig, train_config: Train
     (``input``: the fit chosen and, when tiled, the working scale), which model.pt and the
     bundle carry on for the runtime."""
     train = {**train_config.record(), "input": source.input_record()}
+    if train_config.regime == "puzzle":
+        train["puzzle"] = puzzle_record(permutation_kind(source.fit), train_config.fgsm_eps)
     return {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION,
             "config": model_config.to_dict(), "train": train, "step": step,
             "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
-def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig):
+def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig, puzzle: dict | None = None):
     payload = load_payload(path, CHECKPOINT_FORMAT)
     stored = ModelConfig.from_dict(dict(payload["config"]))
     if stored != model_config:
@@ -101,6 +108,12 @@ def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig):
         raise CheckpointError(f"{path} was trained with regime {stored_regime[0]} ({stored_regime[1]}); this "
                               f"command asks for {train_config.regime} ({train_config.corruption}). "
                               f"Use another --out for a new run")
+    stored_puzzle = payload["train"].get("puzzle")
+    if puzzle is not None and stored_puzzle != puzzle:
+        stored_puzzle = stored_puzzle if isinstance(stored_puzzle, dict) else {}
+        differ = [f"{k} {stored_puzzle.get(k)!r} (now {puzzle[k]!r})" for k in puzzle if stored_puzzle.get(k) != puzzle[k]]
+        raise CheckpointError(f"{path} was trained with the puzzle settings {', '.join(differ)}; a resumed run keeps "
+                              f"them. Use the same --fgsm-eps and data to resume, or another --out for a new run")
     changed = [f"--{name.replace('_', '-')} {payload['train'][name]} (now {getattr(train_config, name)})"
                for name in RESUME_FIXED
                if name in payload["train"] and payload["train"][name] != getattr(train_config, name)]
@@ -116,16 +129,20 @@ def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig):
 
 
 def _step_loss(model, x: torch.Tensor, clean: np.ndarray, rng: np.random.Generator, config: TrainConfig,
-               kl_scale: float):
+               kl_scale: float, puzzle_kind: str = "all"):
     """The loss of one step under the run's regime.
 
     - plain: the family's training loss on x;
     - corrupt, ``patches``: reconstruct the clean x from a partly corrupted x;
     - corrupt, ``cevae``: the plain loss plus the context-encoding term, the
-      clean x reconstructed from x with noise squares (Zimmerer et al.).
+      clean x reconstructed from x with noise squares (Zimmerer et al.);
+    - puzzle: reconstruct the clean x from its 2x2 puzzle with one tile corrupted,
+      under FGSM (eproj.train.puzzle), the permutations from the set ``puzzle_kind``.
     """
     if config.regime == "plain":
         return training_loss(model, x, kl_scale)
+    if config.regime == "puzzle":
+        return puzzle_loss(model, clean, rng, puzzle_kind, config.fgsm_eps, kl_scale)
     corrupted = torch.from_numpy(corrupt(rng, clean, PRESETS[config.corruption])[0])
     if config.corruption == "cevae":
         loss, logs = training_loss(model, x, kl_scale)
@@ -153,8 +170,10 @@ def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainCon
     if source.channels != model_config.channels:
         raise ConfigError(f"{train_config.data} has {source.channels}-channel images; "
                           f"the model was asked for {model_config.channels} channel(s)")
+    puzzle_kind = permutation_kind(source.fit)
+    puzzle = puzzle_record(puzzle_kind, train_config.fgsm_eps) if train_config.regime == "puzzle" else None
     if ckpt_path.exists():
-        model, optimizer, step = _resume(ckpt_path, model_config, train_config)
+        model, optimizer, step = _resume(ckpt_path, model_config, train_config, puzzle)
     else:
         torch.manual_seed(train_config.seed)
         model = build_model(model_config)
@@ -171,7 +190,7 @@ def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainCon
             clean = source.train_batch(rng, train_config.batch)
             x = torch.from_numpy(clean)
             kl_scale = min(1.0, (step + 1) / train_config.kl_warmup) if train_config.kl_warmup else 1.0
-            loss, logs = _step_loss(model, x, clean, rng, train_config, kl_scale)
+            loss, logs = _step_loss(model, x, clean, rng, train_config, kl_scale, puzzle_kind)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -5,9 +5,15 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from eproj.export.step import StepModule, _layer_input_grad, gaussian_matrix
+from eproj.export.step import (StepModule, _layer_input_grad, gaussian_matrix, max_pool, max_pool_adjoint,
+                               upsampling_matrix)
 from eproj.train.losses import gaussian_filter, kl_divergence, reconstruction_loss
-from eproj.train.models import FAMILIES
+from eproj.train.models import FAMILIES, upsample
+
+# (family, architecture, size) of the float64 checks: every autoencoder family on both of its
+# architectures, and the U-Net on its own
+SHAPES = [(f, a, s) for f in FAMILIES if f != "unet" for a, s in (("bergmann", 32), ("zimmerer", 64))] + \
+    [("unet", "unet", 32), ("unet", "unet", 64)]
 
 
 def _autograd(model, x):
@@ -42,8 +48,7 @@ def test_gaussian_matrix_is_the_reference_filter():
     torch.testing.assert_close(a.sum(dim=1), torch.ones(20, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("architecture,size", [("bergmann", 32), ("zimmerer", 64)])
+@pytest.mark.parametrize("family,architecture,size", SHAPES)
 def test_step_matches_autograd_in_float64(tiny_model, family, architecture, size):
     model = tiny_model(family, size=size, architecture=architecture)
     x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -96,3 +101,44 @@ def test_leaky_relu_derivative_is_exactly_one_or_the_slope(dtype):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=0)
     else:
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 64])
+def test_upsampling_matrix_is_bilinear_with_aligned_corners(n):
+    x = torch.rand(2, 3, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    b = upsampling_matrix(n)
+    torch.testing.assert_close(b @ x @ b.T, upsample(x), rtol=0, atol=1e-13)  # x in [0, 1]
+    torch.testing.assert_close(b.sum(dim=1), torch.ones(2 * n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_max_pool_adjoint_routes_ties_as_autograd(dtype):
+    """Values drawn from {0, 1, 2} tie in most windows (and all four in some): the gradient of each
+    window goes to its first maximum in the order top-left, top-right, bottom-left, bottom-right,
+    exactly as autograd's max_pool2d routes it."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (4, 3, 16, 16), generator=gen).to(dtype)
+    x[0, 0] = 1.0  # every window a four-way tie
+    x.requires_grad_(True)
+    pooled = torch.nn.functional.max_pool2d(x, 2)
+    g = torch.randn(pooled.shape, generator=gen, dtype=dtype)
+    want, = torch.autograd.grad(pooled, x, g)
+    assert torch.equal(max_pool(x.detach()), pooled.detach())
+    assert torch.equal(max_pool_adjoint(x.detach(), pooled.detach(), g), want)
+    ties = (x.detach() == torch.nn.functional.interpolate(pooled.detach(), scale_factor=2)).float()
+    assert float(torch.nn.functional.avg_pool2d(ties, 2).max()) == 1.0  # the test holds four-way ties
+
+
+def test_unet_step_matches_autograd_where_pooling_windows_tie(tiny_model):
+    """A constant image gives equal positive features inside the first block's windows away from
+    the border, so most first-level pooling windows tie; the step still equals autograd."""
+    model = tiny_model("unet", size=32)
+    x = torch.full((2, 1, 32, 32), 0.5, dtype=torch.float64)
+    x[1, :, :16] = 0.25
+    features, _ = model.encode(x)
+    windows = features[0].unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
+    tied = (windows == windows.max(dim=-1, keepdim=True).values).sum(dim=-1) > 1
+    assert float((tied & (windows.max(dim=-1).values > 0)).float().mean()) > 0.3
+    want, got = _autograd(model, x), _analytic(model, x)
+    for name in want:
+        assert _relative_error(got[name], want[name]) < 1e-10, name

@@ -2,10 +2,12 @@ import pytest
 import torch
 
 from eproj.errors import ConfigError
-from eproj.train.models import FAMILIES, ModelConfig, build_model
+from eproj.train.models import FAMILIES, ModelConfig, UNet, build_model, parameter_count
+
+AUTOENCODERS = [f for f in FAMILIES if f != "unet"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", AUTOENCODERS)
 @pytest.mark.parametrize("architecture,size", [("bergmann", 128), ("zimmerer", 64)])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shapes(family, architecture, size, channels):
@@ -78,3 +80,55 @@ def test_signal_reaches_the_bottleneck_at_initialisation(architecture, size):
         default = float(model.encode(x)[0].std())
     assert he > 0.2
     assert default < 0.1 * he
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_unet_shapes_levels_and_output_range(channels):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(family="unet", size=128, channels=channels, width=4))
+    assert isinstance(model, UNet) and model.config.architecture == "unet"
+    x = torch.rand(2, channels, 128, 128)
+    features, code = model.encode(x)
+    assert code is None
+    assert [tuple(f.shape[1:]) for f in features] == [(4, 128, 128), (8, 64, 64), (16, 32, 32), (32, 16, 16),
+                                                      (32, 8, 8)]
+    y = model(x).detach()
+    assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
+    assert isinstance(model.out[-1], torch.nn.Sigmoid)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_unet_follows_the_standard_layout():
+    """Double 3x3 conv + ReLU blocks of widths w, 2w, 4w, 8w, 8w; up blocks take the concatenation
+    (2 widths[l] channels); at w = 64 the parameter count is the standard (bias, no batch norm) U-Net's."""
+    model = build_model(ModelConfig(family="unet", width=64))
+    down = [[m.out_channels for m in block if isinstance(m, torch.nn.Conv2d)] for block in model.down]
+    assert down == [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]
+    up = [[(m.in_channels, m.out_channels) for m in block if isinstance(m, torch.nn.Conv2d)] for block in model.up]
+    assert up == [[(128, 64), (64, 64)], [(256, 128), (128, 64)], [(512, 256), (256, 128)],
+                  [(1024, 512), (512, 256)]]
+    assert all(m.kernel_size == (3, 3) and m.padding == (1, 1) for block in [*model.down, *model.up]
+               for m in block if isinstance(m, torch.nn.Conv2d))
+    assert parameter_count(model) == 17_257_409  # about 17 M, as the issue says of the authors' network
+    assert parameter_count(build_model(ModelConfig(family="unet"))) == 1_079_537  # w = 16, the CPU default
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(family="unet", architecture="bergmann"), "unet family runs on the unet architecture"),
+    (dict(family="l2ae", architecture="unet"), "unet family runs on the unet architecture"),
+    (dict(family="unet", width=0), "width must be an integer in [1, 256], got 0"),
+    (dict(family="unet", width=2.5), "got 2.5"),
+])
+def test_bad_unet_config_is_a_clear_error(bad, message):
+    with pytest.raises(ConfigError) as info:
+        ModelConfig(**bad)
+    assert message in str(info.value)
+
+
+def test_the_architecture_follows_the_family_by_default():
+    assert ModelConfig().architecture == "bergmann" and ModelConfig(family="unet").architecture == "unet"
+    cfg = ModelConfig(family="unet", width=8)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    old = ModelConfig().to_dict()
+    del old["width"]  # a checkpoint written before the U-Net
+    assert ModelConfig.from_dict(old) == ModelConfig()
