@@ -98,7 +98,9 @@ def build_engines(bundle: str | Path, fp16: bool = False, min_batch: int = 1, op
     check_batch_range(min_batch, opt_batch, max_batch)
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
-    graphs = FP16_GRAPHS if fp16 else FP32_GRAPHS  # the fp32 graphs are in every bundle (load_manifest checks)
+    # the bundle's graphs of the precision (load_manifest checks that every family's required ones are
+    # there; a unet bundle has no encoder or decoder graph)
+    graphs = [g for g in (FP16_GRAPHS if fp16 else FP32_GRAPHS) if g in manifest["graphs"]]
     if fp16 and "step_fp16" not in manifest["graphs"]:
         raise EngineError(f"{bundle} has no step_fp16 graph, which the fp16 engine is built from (the fp16 "
                           f"engine keeps the graph's mixed precision); export the bundle with "

@@ -193,3 +193,41 @@ def permutation_scores(errors: torch.Tensor, normaliser: torch.Tensor | None = N
         raise ValueError(f"the normaliser must hold one positive mean per permutation, shape "
                          f"({errors.shape[0]},); got shape {tuple(normaliser.shape)}")
     return scores / normaliser[:, None]
+
+
+def permutation_normaliser(model: torch.nn.Module, validation: np.ndarray, kind: str,
+                           batch: int = 16) -> torch.Tensor:
+    """The mean of each permutation's score S_i on normal validation images (the denominator of Eq. 6).
+
+    Args:
+        validation: (M, C, S, S) float32 in [0, 1], normal images held out of training.
+    Returns:
+        (K,) float64, positive (a score of exactly 0 on every image is refused: nothing to divide by).
+    """
+    if len(validation) == 0:
+        raise ValueError("the permutation normaliser needs at least one validation image")
+    totals = torch.zeros(len(permutation_set(kind)), dtype=torch.float64)
+    for start in range(0, len(validation), batch):
+        x = torch.from_numpy(np.ascontiguousarray(validation[start:start + batch]))
+        totals += permutation_scores(permutation_errors(model, x, kind)).double().sum(dim=1)
+    mean = totals / len(validation)
+    if not bool((mean > 0).all()):
+        raise ValueError(f"a permutation's mean validation score is not positive: {mean.tolist()}")
+    return mean
+
+
+def permutation_maps(model: torch.nn.Module, images: torch.Tensor, kind: str,
+                     normaliser: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The puzzle score of Eq. 7 (the mean over permutations of the normalised Eq. 6 scores) and
+    its pixel map (the mean over permutations of the normalised squared errors, channel-averaged).
+
+    Args:
+        images: (N, C, S, S) float in [0, 1]; normaliser: (K,) from ``permutation_normaliser``.
+    Returns:
+        (scores (N,), maps (N, S, S)); the sum of a map times C equals its score.
+    """
+    errors = permutation_errors(model, images, kind)
+    weights = (1.0 / normaliser.to(errors.dtype))[:, None, None, None, None]
+    scores = permutation_scores(errors, normaliser.to(errors.dtype)).mean(dim=0)
+    maps = (errors * weights).mean(dim=0).mean(dim=1)
+    return scores, maps

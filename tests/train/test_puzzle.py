@@ -127,3 +127,20 @@ def test_puzzle_and_corrupt_regimes_train_the_unet_and_resume(tmp_path):
     assert "puzzle" not in load_payload(corrupt / "checkpoint.pt", CHECKPOINT_FORMAT)["train"]
     with pytest.raises(ConfigError, match=r"FGSM eps must be a number in \[0, 1\)"):
         TrainConfig(data="x", fgsm_eps=-0.1)
+
+
+def test_permutation_maps_sum_to_the_normalised_mean_score():
+    from eproj.train.puzzle import permutation_maps, permutation_normaliser
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(family="unet", size=32, width=4)).eval()
+    validation = np.random.default_rng(0).random((5, 1, 32, 32)).astype(np.float32)
+    normaliser = permutation_normaliser(model, validation, "swaps", batch=2)
+    want = permutation_scores(permutation_errors(model, torch.from_numpy(validation), "swaps")).double().mean(dim=1)
+    torch.testing.assert_close(normaliser, want)
+    scores, maps = permutation_maps(model, torch.from_numpy(validation), "swaps", normaliser)
+    assert scores.shape == (5,) and maps.shape == (5, 32, 32)
+    torch.testing.assert_close(scores.mean().double(), torch.tensor(1.0, dtype=torch.float64))  # Eq. 6 on its own data
+    torch.testing.assert_close(maps.flatten(1).sum(dim=1), scores)
+    with pytest.raises(ValueError, match="at least one"):
+        permutation_normaliser(model, validation[:0], "swaps")
