@@ -42,11 +42,13 @@ class Layout:
     stride: int | None = None
 
 
-def recorded_scale(bundle_input: dict[str, Any]) -> float:
+def recorded_scale(bundle_input: dict[str, Any]) -> Any:
     """The working scale in a manifest's ``input``: the factor training resized its images
-    by before cropping (``scale``). Bundles exported before eproj recorded it have none:
-    1.0, frames tiled at their own size as those versions did."""
-    return float(bundle_input.get("scale") or 1.0)
+    by before cropping (``scale``). Bundles exported before eproj recorded it have none (or
+    null, for models that resize): 1.0, frames tiled at their own size as those versions
+    did. The value is returned as stored; ``check_tiling`` refuses one that is no number > 0."""
+    value = bundle_input.get("scale")
+    return 1.0 if value is None else value
 
 
 def default_stride(size: int) -> int:

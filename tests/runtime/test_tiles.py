@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eproj.errors import ConfigError, DataError
-from eproj.runtime.frames import Layout, recorded_scale, to_batch, to_frame
+from eproj.runtime.frames import Layout, check_tiling, recorded_scale, to_batch, to_frame
 from eproj.tiles import blend_window, tile, tile_grid, tile_origins, untile
 
 
@@ -96,4 +96,8 @@ def test_frames_are_brought_to_the_working_scale_and_back():
 
 def test_bundles_without_a_recorded_scale_tile_at_their_frames_own_size():
     assert recorded_scale({"size": 128, "fit": "tile"}) == 1.0
-    assert recorded_scale({"size": 128, "fit": "tile", "scale": 0.5}) == 0.5
+    assert recorded_scale({"size": 128, "fit": "resize", "scale": None}) == 1.0
+    assert check_tiling(128, recorded_scale({"size": 128, "fit": "tile", "scale": 0.5}), None) == (0.5, 64)
+    for bad in (0, -1.0, "0.5", float("inf"), True):
+        with pytest.raises(ConfigError, match="scale must be a finite number > 0"):
+            check_tiling(128, recorded_scale({"scale": bad}), None)
