@@ -26,6 +26,7 @@ from eproj.decision import Decision, tile_scores
 from eproj.errors import ConfigError
 from eproj.runtime.backends import create_backend
 from eproj.runtime.backends.base import Backend
+from eproj.bundle import BundleError
 from eproj.runtime.bundle import FITS, Bundle
 from eproj.runtime.frames import (CHANNEL_ORDERS, at_frame_size, check_tiling, recorded_scale, stitch, to_batch,
                                   to_frame, to_output_order)
@@ -74,6 +75,7 @@ class InspectionResult:
     iterations: int
     stop_reasons: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+    tile_iterations: list[int] = field(default_factory=list)  # per tile, in stop_reasons' order
     failed: bool = False
     reason: str = ""
 
@@ -117,7 +119,7 @@ class Inspector:
                  fit: str | None = None, channel_order: str = "bgr", batch_size: int = 16,
                  check_every: int | None = None, backend_note: str = "", threads: int = 0,
                  scale: float | None = None, tile_stride: int | None = None, gate_lr: float | None = None,
-                 compact: bool = True):
+                 compact: bool = True, stop_rule: str | None = None):
         if not isinstance(config, ProjectionConfig):
             raise ConfigError(f"config must be a ProjectionConfig, got {type(config).__name__}")
         check_options(method=method, fit=fit, channel_order=channel_order, batch_size=batch_size,
@@ -134,11 +136,22 @@ class Inspector:
         self.backend_note = backend_note or backend.describe()
         self.pixel_threshold = bundle.threshold(method, "dssim")
         self.score_threshold = bundle.threshold(method, "score")
-        # the calibrated verdict (eproj.decision) of the projection; the other methods keep
-        # the plain one (max of the map against the score threshold)
-        stored = bundle.manifest.get("decision") if method == "projection" else None
-        self.decision = Decision.from_dict(stored, self.score_threshold)
-        self.gate_lr = self.decision.gate_lr if gate_lr is None else float(gate_lr)
+        # the calibrated verdict (eproj.decision) of the projection under its stop rule, whose maps
+        # the thresholds were set on; the other methods keep the plain one (max of the map)
+        stored = None
+        if method == "projection":
+            rule = stop_rule_settings(bundle.manifest, stop_rule)
+            stored = rule.get("decision", bundle.manifest.get("decision"))
+            if "segmentation" in rule:
+                self.pixel_threshold = float(rule["segmentation"]["dssim"])
+                self.score_threshold = float(rule["segmentation"]["score"])
+        try:
+            self.decision = Decision.from_dict(stored, self.score_threshold)
+            self.gate_lr = self.decision.gate_lr if gate_lr is None else float(gate_lr)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{bundle.folder}: manifest field decision (or gate_lr) is not valid: {exc!r}") from None
+        if self.gate_lr is not None and self.gate_lr != self.gate_lr:
+            raise ConfigError("gate_lr must be a number or -inf (no gate), got NaN")
         self.compact = bool(compact)
         self._projectors: dict[int, Projector | ParallelProjector] = {}
         self.last_batch: BatchOutput | None = None
@@ -226,7 +239,7 @@ class Inspector:
                                       cuda_graphs=cuda_graphs, loops=loops)
         log.info("eproj runtime: %s", note)
         return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note, threads or 0,
-                   scale, tile_stride, gate_lr, compact)
+                   scale, tile_stride, gate_lr, compact, stop_rule)
 
     def _projector(self, n: int) -> Projector | ParallelProjector:
         if n not in self._projectors:
@@ -311,7 +324,7 @@ class Inspector:
             result = InspectionResult(
                 anomaly_map=anomaly_map, mask=mask, score=score, defect=defect, reason=reason,
                 projection=projection, iterations=int(out.iterations[rows].max()),
-                stop_reasons=list(out.stop_reason[rows]))
+                stop_reasons=list(out.stop_reason[rows]), tile_iterations=out.iterations[rows].tolist())
             failure = non_finite_reason(out.dssim[rows], out.target[rows], score)
             if failure:
                 fail(result, failure)

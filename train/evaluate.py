@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from eproj.decision import IMAGE_SCORES, Decision, rec_error_map, tile_scores
 from eproj.errors import ConfigError, DataError
 from eproj.files import write_atomic
 from eproj.train.checkpoint import TrainedModel, load_model
 from eproj.train.data import TestSample, load_source, tile, to_batch, untile
-from eproj.train.losses import dssim_map, l2_map
-from eproj.train.metrics import all_metrics
+from eproj.train.losses import dssim_map, l2_map, reconstruction_loss
+from eproj.train.metrics import all_metrics, image_auroc
 from eproj.train.models import Autoencoder
 from eproj.train.projection import ProjectionConfig, project
 
@@ -41,46 +42,109 @@ MAP_KINDS = ("dssim", "l2")
 
 
 def image_score(maps: np.ndarray) -> np.ndarray:
-    """The image score: the maximum of each anomaly map, (N, H, W) or (H, W) -> (N,) or ()."""
+    """The plain image score: the maximum of each anomaly map, (N, H, W) or (H, W) -> (N,) or ().
+    The projection's calibrated score is ``eproj.decision`` (``SampleResult.score``)."""
     return np.asarray(maps).max(axis=(-2, -1))
 
 
-def projection_config(trained: TrainedModel, **overrides: Any) -> ProjectionConfig:
-    """The model's stored projection defaults with its stop threshold, then ``overrides``."""
+def rule_settings(trained: TrainedModel, rule: str | None = None) -> dict[str, Any]:
+    """Stop rule ``rule`` of the model (default its calibrated ``stop_rule``): ``stop_threshold``,
+    ``max_iters`` and ``gate_lr``; a model calibrated before stop rules: its stop threshold alone."""
+    rules = trained.calibration.get("stop_rules") or {}
+    name = rule or trained.calibration.get("stop_rule")
+    if name is None:
+        return {"stop_threshold": trained.stop_threshold}
+    if name not in rules:
+        raise ConfigError(f"stop_rule must be one of {sorted(rules)} (this model's), got {name!r}")
+    return dict(rules[name])
+
+
+def projection_config(trained: TrainedModel, rule: str | None = None, **overrides: Any) -> ProjectionConfig:
+    """The model's stored projection defaults with its stop rule's threshold and cap, then ``overrides``."""
     values = dict(trained.calibration.get("projection", {}))
-    values["stop_threshold"] = trained.stop_threshold
+    settings = rule_settings(trained, rule)
+    values["stop_threshold"] = settings["stop_threshold"]
+    if settings.get("max_iters") is not None:
+        values["max_iters"] = settings["max_iters"]
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ProjectionConfig(**values)
+
+
+def threshold_of(trained: TrainedModel, method: str, kind: str, rule: str | None = None) -> float:
+    """The segmentation threshold of ``method``'s ``kind`` map ("dssim", "l2", "score"); the
+    projection's under stop rule ``rule`` (default the model's), on whose maps it was set."""
+    settings = rule_settings(trained, rule) if method == "projection" else {}
+    if "segmentation" in settings:
+        return float(settings["segmentation"][kind])
+    return trained.segmentation_threshold(method, kind)
+
+
+def decision_of(trained: TrainedModel, method: str, rule: str | None = None) -> Decision:
+    """The calibrated verdict of the projection under stop rule ``rule`` (default the model's);
+    the plain one (max of the map) otherwise."""
+    stored = None
+    if method == "projection":
+        stored = rule_settings(trained, rule).get("decision", trained.calibration.get("decision"))
+    return Decision.from_dict(stored, threshold_of(trained, method, "score", rule))
+
+
+def projection_maps(model: Autoencoder, x0: torch.Tensor, projection: torch.Tensor, iterations: np.ndarray,
+                    zero_map_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The projection's maps as the runtime forms them.
+
+    Args:
+        x0, projection: (N, C, S, S); iterations: (N,) steps each sample took.
+        zero_map_scale: the factor of DSSIM(x0, f(x0)) that is the map of a sample that
+            took no step (its projection is x0; see ``eproj.decision``).
+    Returns:
+        dssim (N, S, S), l2 (N, S, S), rec_error (N, S, S) = (x0 - f(x0))^2 over channels,
+        lr0 (N,) = Lr(x0); float32.
+    """
+    with torch.no_grad():
+        lr0, reconstruction = reconstruction_loss(model, x0)
+        dssim = dssim_map(x0, projection).numpy()
+        l2 = l2_map(x0, projection).numpy()
+        still = np.nonzero(np.asarray(iterations) == 0)[0]
+        if len(still):
+            rows = torch.from_numpy(still)
+            dssim[still] = dssim_map(x0[rows], reconstruction[rows]).numpy() * np.float32(zero_map_scale)
+            l2[still] = l2_map(x0[rows], reconstruction[rows]).numpy()
+    return dssim, l2, rec_error_map(x0.numpy(), reconstruction.numpy()), lr0.numpy()
 
 
 @dataclass
 class MethodOutput:
     """Per image of a batch: ``target`` (N, C, S, S) the image compared with x0;
-    ``maps`` kind -> (N, S, S); ``iterations`` (N,) int; ``stop_reason`` (N,) str."""
+    ``maps`` kind -> (N, S, S); ``iterations`` (N,) int; ``stop_reason`` (N,) str;
+    ``rec_error`` (N, S, S) (x0 - f(x0))^2 and ``lr0`` (N,) Lr(x0)."""
 
     target: np.ndarray
     maps: dict[str, np.ndarray]
     iterations: np.ndarray
     stop_reason: list[str]
+    rec_error: np.ndarray
+    lr0: np.ndarray
 
 
 def run_method(model: Autoencoder, images: np.ndarray, method: str,
                config: ProjectionConfig | None = None, batch: int = 32,
-               progress: bool = False, desc: str = "", inspector: Any = None) -> MethodOutput:
+               progress: bool = False, desc: str = "", inspector: Any = None,
+               gate_threshold: float | None = None, zero_map_scale: float = 1.0) -> MethodOutput:
     """Apply a method to (N, C, S, S) float32 images in [0, 1], ``batch`` images at a time,
-    on the reference or, with ``inspector`` (an eproj.runtime.Inspector), on the runtime."""
+    on the reference or, with ``inspector`` (an eproj.runtime.Inspector), on the runtime.
+    ``gate_threshold`` and ``zero_map_scale``: the zero-iteration gate and map (``projection_maps``)."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if inspector is not None:
         return _run_inspector(inspector, images, method, batch, progress, desc)
     if method == "projection" and config is None:
         raise ConfigError("the projection method needs a ProjectionConfig")
-    targets, dssim, l2, iterations, reasons = [], [], [], [], []
+    targets, dssim, l2, iterations, reasons, rec_error, lr0 = [], [], [], [], [], [], []
     chunks = range(0, len(images), batch)
     for start in tqdm(chunks, desc=desc or method, unit="batch", disable=not progress, leave=False):
         x0 = torch.from_numpy(np.ascontiguousarray(images[start:start + batch]))
         if method == "projection":
-            result = project(model, x0, config)
+            result = project(model, x0, config, gate_threshold=gate_threshold)
             target, its = result.projection, result.iterations.numpy()
             reasons += result.stop_reason
         else:
@@ -88,20 +152,23 @@ def run_method(model: Autoencoder, images: np.ndarray, method: str,
                 target = model(x0)
             its = np.zeros(len(x0), np.int64)
             reasons += ["none"] * len(x0)
-        with torch.no_grad():
-            dssim.append(dssim_map(x0, target).numpy())
-            l2.append(l2_map(x0, target).numpy())
+        maps = projection_maps(model, x0, target.detach(), its if method == "projection" else np.ones_like(its),
+                               zero_map_scale)
+        dssim.append(maps[0])
+        l2.append(maps[1])
+        rec_error.append(maps[2])
+        lr0.append(maps[3])
         targets.append(target.detach().numpy())
         iterations.append(its)
     return MethodOutput(np.concatenate(targets), {"dssim": np.concatenate(dssim), "l2": np.concatenate(l2)},
-                        np.concatenate(iterations), reasons)
+                        np.concatenate(iterations), reasons, np.concatenate(rec_error), np.concatenate(lr0))
 
 
 def _run_inspector(inspector: Any, images: np.ndarray, method: str, batch: int, progress: bool,
                    desc: str) -> MethodOutput:
     if inspector.method != method:
         raise ConfigError(f"the inspector runs {inspector.method}, not {method}")
-    targets, dssim, iterations, reasons = [], [], [], []
+    targets, dssim, iterations, reasons, rec_error, lr0 = [], [], [], [], [], []
     chunks = range(0, len(images), batch)
     for start in tqdm(chunks, desc=desc or method, unit="batch", disable=not progress, leave=False):
         part = images[start:start + batch]
@@ -110,15 +177,21 @@ def _run_inspector(inspector: Any, images: np.ndarray, method: str, batch: int, 
         dssim.append(np.stack([r.anomaly_map for r in results]))
         iterations.append(np.array([r.iterations for r in results], np.int64))
         reasons += [r.stop_reasons[0] for r in results]
+        out = inspector.last_batch
+        rec_error.append(out.rec_error)
+        lr0.append(out.lr0)
     target = np.concatenate(targets)
     l2 = ((images - target) ** 2).mean(axis=1)
-    return MethodOutput(target, {"dssim": np.concatenate(dssim), "l2": l2}, np.concatenate(iterations), reasons)
+    return MethodOutput(target, {"dssim": np.concatenate(dssim), "l2": l2}, np.concatenate(iterations), reasons,
+                        np.concatenate(rec_error), np.concatenate(lr0))
 
 
 @dataclass
 class SampleResult:
-    """One test image after a method: maps kind -> (H, W); target (H, W, C); score = max DSSIM;
-    iterations and stop reasons of its tiles."""
+    """One test image after a method: maps kind -> (H, W); target (H, W, C); ``score`` the
+    method's image score (``decision_of``) and ``scores`` every candidate of
+    ``eproj.decision.IMAGE_SCORES`` (the max over the image's tiles); ``defect`` and ``reason``
+    the calibrated verdict; ``iterations`` (mean) and ``tile_iterations``, stop reasons of its tiles."""
 
     sample: TestSample
     maps: dict[str, np.ndarray]
@@ -126,12 +199,20 @@ class SampleResult:
     iterations: float
     score: float
     stop_reasons: list[str]
+    scores: dict[str, float] = field(default_factory=dict)
+    defect: bool | None = None  # None: not judged (a result built outside run_on_samples)
+    reason: str = ""
+    tile_iterations: list[int] = field(default_factory=list)
 
 
 def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str,
                    config: ProjectionConfig | None, progress: bool = True,
-                   inspector: Any = None) -> list[SampleResult]:
-    """Apply a method to test images of any size that tiles by the model size."""
+                   inspector: Any = None, gate_threshold: float | None = None,
+                   rule: str | None = None) -> list[SampleResult]:
+    """Apply a method to test images of any size that tiles by the model size; the
+    calibrated verdict (``decision_of``) scores and judges each."""
+    decision = decision_of(trained, method, rule)
+    pixel = threshold_of(trained, method, "dssim", rule)
     size, channels = trained.config.size, trained.config.channels
     tiles, owners = [], []
     for i, s in enumerate(samples):
@@ -142,7 +223,9 @@ def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str
         tiles += parts
         owners += [i] * len(parts)
     out = run_method(trained.model, to_batch(tiles), method, config, progress=progress,
-                     desc=f"{method} {trained.config.family}", inspector=inspector)
+                     desc=f"{method} {trained.config.family}", inspector=inspector,
+                     gate_threshold=gate_threshold, zero_map_scale=decision.zero_iteration_map_scale)
+    candidates = tile_scores(out.maps["dssim"], out.rec_error, out.lr0, pixel)
     owners_arr = np.asarray(owners)
     results = []
     for i, s in enumerate(samples):
@@ -150,21 +233,32 @@ def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str
         shape = s.image.shape[:2]
         maps = {k: untile(v[idx], shape) for k, v in out.maps.items()}
         target = untile(out.target[idx].transpose(0, 2, 3, 1), shape)
-        results.append(SampleResult(s, maps, target, float(out.iterations[idx].mean()),
-                                    float(image_score(maps["dssim"])), [out.stop_reason[j] for j in idx]))
+        scores = {name: float(values[idx].max()) for name, values in candidates.items()}
+        score = scores[decision.image_score]
+        statistics = decision.frame_statistics(out.lr0[idx], out.maps["dssim"][idx])
+        verdicts = [decision.verdict(score, out.maps["dssim"][j] > pixel, statistics) for j in idx]
+        defect, reason = next((v for v in verdicts if v[0]), verdicts[0])
+        results.append(SampleResult(s, maps, target, float(out.iterations[idx].mean()), score,
+                                    [out.stop_reason[j] for j in idx], scores, defect, reason,
+                                    [int(out.iterations[j]) for j in idx]))
     return results
 
 
-def summarise(trained: TrainedModel, results: list[SampleResult], method: str) -> dict[str, Any]:
+def summarise(trained: TrainedModel, results: list[SampleResult], method: str,
+              rule: str | None = None) -> dict[str, Any]:
     """Metrics of every map kind, iteration statistics and per-image rows."""
     masks = [r.sample.mask for r in results]
     labels = np.array([r.sample.label for r in results])
     metrics = {}
     for kind in MAP_KINDS:
         maps = [r.maps[kind] for r in results]
-        scores = np.array([image_score(m) for m in maps])
-        metrics[kind] = all_metrics(maps, masks, scores, labels, trained.segmentation_threshold(method, kind))
+        scores = np.array([r.score for r in results]) if kind == "dssim" else np.array([image_score(m) for m in maps])
+        metrics[kind] = all_metrics(maps, masks, scores, labels, threshold_of(trained, method, kind, rule))
+    metrics["image_scores"] = {name: image_auroc(np.array([r.scores[name] for r in results]), labels)
+                               for name in IMAGE_SCORES}
     its = np.array([r.iterations for r in results])
+    normal_its = [t for r in results if r.sample.label == 0 for t in r.tile_iterations]
+    defective_its = [t for r in results if r.sample.label == 1 for t in r.tile_iterations]
     counts, edges = np.histogram(its, bins=10)
     reasons = [reason for r in results for reason in r.stop_reasons]
     return {
@@ -172,10 +266,11 @@ def summarise(trained: TrainedModel, results: list[SampleResult], method: str) -
         "iterations": {"mean": float(its.mean()), "median": float(np.median(its)),
                        "p90": float(np.percentile(its, 90)), "min": float(its.min()), "max": float(its.max()),
                        "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
-                       "stop_reasons": {k: reasons.count(k) for k in sorted(set(reasons))}},
+                       "stop_reasons": {k: reasons.count(k) for k in sorted(set(reasons))},
+                       "mean_normal_tiles": float(np.mean(normal_its)) if normal_its else None,
+                       "mean_defective_tiles": float(np.mean(defective_its)) if defective_its else None},
         "images": [{"name": r.sample.name, "defect": r.sample.defect, "label": r.sample.label,
-                    "score": r.score, "iterations": r.iterations,
-                    "flagged": bool(r.score > trained.segmentation_threshold(method, "score"))}
+                    "score": r.score, "iterations": r.iterations, "flagged": r.defect, "reason": r.reason}
                    for r in results],
     }
 
@@ -196,10 +291,13 @@ def write_json(payload: dict[str, Any], path: Path) -> None:
 
 
 def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = True, inspector: Any = None,
+             stop_rule: str | None = None, gate_threshold: float | None = None,
              **overrides: Any) -> tuple[dict[str, Any], list[SampleResult]]:
     """Evaluate ``trained`` with ``method`` on the test set of ``data``.
 
-    ``overrides`` replace the model's stored projection parameters (see ProjectionConfig).
+    ``overrides`` replace the model's stored projection parameters (see ProjectionConfig);
+    ``stop_rule`` picks one of the model's stop rules (default its own) and with it the
+    zero-iteration gate, which ``gate_threshold`` replaces (-inf: no gate).
     With ``inspector`` (an eproj.runtime.Inspector of the same model, fit "none",
     channel order "rgb"), the runtime computes the maps; its configuration rules.
     """
@@ -208,18 +306,28 @@ def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = Tru
         raise DataError(f"{data} has {source.channels}-channel images; the model expects "
                         f"{trained.config.channels}")
     samples = source.test()
-    config = projection_config(trained, **overrides) if method == "projection" else None
+    config = projection_config(trained, stop_rule, **overrides) if method == "projection" else None
+    gate = stop_rule_gate(trained, stop_rule, gate_threshold)
     if inspector is not None and method == "projection":
-        config = inspector.config
+        config, gate = inspector.config, inspector.gate_lr
     start = time.perf_counter()
-    results = run_on_samples(trained, samples, method, config, progress, inspector)
+    results = run_on_samples(trained, samples, method, config, progress, inspector, gate, stop_rule)
     seconds = time.perf_counter() - start
     report = {"model": str(trained.path), "family": trained.config.family, "data": data, "method": method,
               "engine": "reference (PyTorch autograd)" if inspector is None else f"runtime: {inspector.backend_note}",
               "projection": None if config is None else config.to_dict(),
+              "stop_rule": (stop_rule or trained.calibration.get("stop_rule")) if method == "projection" else None,
+              "gate_lr": gate if method == "projection" else None,
+              "image_score": decision_of(trained, method, stop_rule).image_score,
               "seconds": seconds, "images_per_second": len(samples) / seconds}
-    report.update(summarise(trained, results, method))
+    report.update(summarise(trained, results, method, stop_rule))
     return report, results
+
+
+def stop_rule_gate(trained: TrainedModel, rule: str | None, gate_threshold: float | None) -> float | None:
+    """The zero-iteration gate: ``gate_threshold`` if given (-inf: none), else the stop rule's."""
+    gate = rule_settings(trained, rule).get("gate_lr") if gate_threshold is None else gate_threshold
+    return None if gate is None or gate == float("-inf") else float(gate)
 
 
 def evaluate_cli(run: str, data: str | None, method: str, json_path: str,

@@ -15,8 +15,16 @@ grad E = grad_x Lr + lam * sign(x - x0), weights it
 
 and takes a ``plain`` step x <- x - alpha * g or an ``adam`` step on g, then
 clamps to the value range. Each sample stops on its own, when Lr falls to the
-stop threshold (the training-set minimum by default), when its energy stops
+stop threshold (the model's calibrated one by default), when its energy stops
 changing, or at the iteration cap; a stopped sample no longer changes.
+
+The zero-iteration gate (``gate_threshold``) is loop logic on top of the stop
+check: a sample whose Lr at x0 is at most the gate (or the stop threshold) is
+finished at iteration 0 (stop reason "gate"). It keeps the first update, which the step at x0 has already
+paid for, and takes no further step: it costs one pass of the network like a sample
+stopped at x0, but its projection x1 is not x0, so DSSIM(x0, x1) is evidence, not
+the all-zero map of a sample that never moved. (A sample that stops at x0 on the
+stop threshold is judged by its reconstruction map instead: ``eproj.decision``.)
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from eproj.config import STOP_REASON_CODES, ProjectionConfig
+from eproj.decision import GATE_REASON
 from eproj.errors import ConfigError
 from eproj.train.losses import reconstruction_loss
 from eproj.train.models import Autoencoder
@@ -204,7 +213,7 @@ def _frozen(model: Autoencoder) -> Iterator[None]:
 
 
 def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = ProjectionConfig(),
-            mask: torch.Tensor | None = None) -> ProjectionResult:
+            mask: torch.Tensor | None = None, gate_threshold: float | None = None) -> ProjectionResult:
     """Project a batch onto the model's normal manifold.
 
     Args:
@@ -213,6 +222,9 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
         config: step parameters and stop criteria.
         mask: for ``weighting="mask"``, Omega of shape (N, 1 or C, H, W), 1 where
             pixels may change and 0 where they are known; required there, refused otherwise.
+        gate_threshold: samples whose Lr(x0) is at most this, or at most the stop threshold,
+            stop after the first update, with no further step (reason "gate"); None disables
+            the gate (a sample under the stop threshold at x0 then takes no step at all).
     Returns:
         a ProjectionResult.
     """
@@ -230,6 +242,7 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
     n = x0.shape[0]
     x0 = x0.detach()
     x = x0.clone()
+    gated = torch.zeros(n, dtype=torch.bool, device=x0.device)
     # every tensor of the loop lives on the input's device (CPU, CUDA, ...)
     iterations = torch.zeros(n, dtype=torch.int64, device=x0.device)
     state = StopState.start(n, x0.dtype, x0.device)
@@ -239,9 +252,16 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
         for t in range(config.max_iters + 1):
             loss, reconstruction, grad_lr = loss_terms(model, x)
             state = stop_check(loss, (x - x0).abs().flatten(1).sum(dim=1), iterations, state, config)
+            if t == 0 and gate_threshold is not None and config.max_iters > 0:
+                # finished at x0: under the gate, or under the stop threshold (every sample is active
+                # before the first check); they keep the first update, which the step at x0 paid for
+                gated = ~state.active | (loss <= gate_threshold)
+                state.active = state.active | gated
             if t == config.max_iters or not bool(state.active.any()):
                 break
             step = update_step(x, x0, reconstruction, grad_lr, loss, state.active, iterations, config, mask, m, v)
             x, m, v, iterations = step.x, step.m, step.v, step.iterations
-    reasons = [STOP_REASON_CODES[code] for code in state.reason.tolist()]
+            if t == 0:
+                state.active = state.active & ~gated
+    reasons = [GATE_REASON if g else STOP_REASON_CODES[code] for g, code in zip(gated.tolist(), state.reason.tolist())]
     return ProjectionResult(x, iterations, state.final_loss, state.final_energy, reasons)

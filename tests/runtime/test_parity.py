@@ -16,7 +16,7 @@ import torch
 
 from conftest import texture
 from eproj.runtime import Inspector
-from eproj.train.losses import dssim_map
+from eproj.train.evaluate import projection_maps
 from eproj.train.models import FAMILIES
 from eproj.train.projection import project
 
@@ -51,11 +51,16 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _compare(inspector: Inspector, trained, frames: np.ndarray, mask=None):
+    """The runtime against the reference with the inspector's parameters and gate; a sample that
+    took no step is mapped by its scaled reconstruction map on both sides (projection_maps)."""
     results = inspector(list(frames), known_mask=None if mask is None else list(mask))
     x0 = torch.from_numpy(frames[:, None])
+    gate = None if inspector.gate_lr in (None, float("-inf")) else inspector.gate_lr
     ref = project(trained.model, x0, inspector.config,
-                  mask=None if mask is None else torch.from_numpy(mask[:, None].astype(np.float32)))
-    ref_map = dssim_map(x0, ref.projection).numpy()
+                  mask=None if mask is None else torch.from_numpy(mask[:, None].astype(np.float32)),
+                  gate_threshold=gate)
+    ref_map = projection_maps(trained.model, x0, ref.projection, ref.iterations.numpy(),
+                              inspector.decision.zero_iteration_map_scale)[0]
     got = np.stack([r.projection[:, :, 0] for r in results])
     np.testing.assert_allclose(got, ref.projection[:, 0].numpy(), rtol=0, atol=1e-3)
     np.testing.assert_allclose(np.stack([r.anomaly_map for r in results]), ref_map, rtol=0, atol=1e-3)
@@ -71,7 +76,8 @@ def _compare(inspector: Inspector, trained, frames: np.ndarray, mask=None):
 def test_runtime_matches_the_reference(bundles, family, backend):
     name, device, options = _backend(backend)
     trained, folder = bundles[family]
-    inspector = Inspector.from_bundle(folder, backend=name, device=device, max_iters=10, fit="none", **options)
+    inspector = Inspector.from_bundle(folder, backend=name, device=device, max_iters=10, fit="none",
+                                      stop_rule="training-min", **options)
     _compare(inspector, trained, _frames())
 
 
@@ -83,7 +89,8 @@ def test_every_projection_variant(bundles, backend, overrides):
     name, device, options = _backend(backend)
     trained, folder = bundles["l2ae"]
     params = {"max_iters": 10, **overrides}
-    inspector = Inspector.from_bundle(folder, backend=name, device=device, fit="none", **options, **params)
+    inspector = Inspector.from_bundle(folder, backend=name, device=device, fit="none", stop_rule="training-min",
+                                      **options, **params)
     frames = _frames()
     mask = None
     if overrides.get("weighting") == "mask":
@@ -98,20 +105,52 @@ def test_every_projection_variant(bundles, backend, overrides):
 def test_a_stop_threshold_stops_samples_early(bundles):
     trained, folder = bundles["l2ae"]
     frames = _frames()
-    probe = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=0, fit="none", threads=1)
+    probe = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=0, fit="none", threads=1,
+                                  stop_rule="training-min")
     probe(list(frames))
     losses = probe._projectors[len(frames)].backend.download(probe._projectors[len(frames)].final_loss)
     threshold = float(np.median(losses))  # about half the frames start under it
     inspector = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=10, stop_threshold=threshold,
-                                      fit="none", threads=2)
+                                      fit="none", threads=2, stop_rule="training-min")
     results = _compare(inspector, trained, frames)
     assert {r.stop_reasons[0] for r in results} >= {"threshold"}
+    stopped = [r for r in results if r.iterations == 0]
+    assert stopped and all(r.anomaly_map.max() > 0 for r in stopped)  # never the all-zero DSSIM(x0, x0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_gate_and_compaction_match_the_reference(bundles, threads):
+    """Gated samples keep the first update and take no further step; the others stop at
+    different iterations, so the batch compacts several times: every sample equals the
+    reference's, and compacting changes nothing."""
+    trained, folder = bundles["l2ae"]
+    frames = _frames(8)
+    probe = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=0, fit="none", threads=1,
+                                  stop_rule="training-min")
+    probe(list(frames))
+    lr0 = probe.last_batch.lr0
+    gate = float(np.sort(lr0)[2])  # three samples are gated
+    options = dict(backend="onnxruntime", max_iters=25, energy_tol=0.01, stop_threshold=float("-inf"),
+                   fit="none", threads=threads, stop_rule="training-min", gate_lr=gate)
+    compacted = Inspector.from_bundle(folder, **options)
+    results = _compare(compacted, trained, frames)
+    assert [r.stop_reasons[0] for r in results].count("gate") == 3
+    assert len({r.iterations for r in results}) >= 3
+    for r in results:
+        if r.stop_reasons[0] == "gate":
+            assert r.iterations == 1 and r.anomaly_map.max() > 0
+    whole = Inspector.from_bundle(folder, compact=False, **options)
+    for a, b in zip(results, whole(list(frames))):
+        np.testing.assert_allclose(a.projection, b.projection, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=0, atol=1e-5)
+        assert a.iterations == b.iterations and a.stop_reasons == b.stop_reasons
 
 
 def test_long_runs_drift_no_more_than_float32_itself(bundles):
     trained, folder = bundles["l2ae"]
     frames = _frames()
-    inspector = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=60, fit="none")
+    inspector = Inspector.from_bundle(folder, backend="onnxruntime", max_iters=60, fit="none",
+                                      stop_rule="training-min")
     got = np.stack([r.projection[:, :, 0] for r in inspector(list(frames))])
     x0 = torch.from_numpy(frames[:, None])
     ref32 = project(trained.model, x0, inspector.config).projection[:, 0].numpy()

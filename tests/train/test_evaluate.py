@@ -55,3 +55,30 @@ def test_method_errors(tiny_model):
     rgb = TestSample("rgb", np.zeros((32, 32, 3), np.float32), None, 1, "x")
     with pytest.raises(DataError, match="expects 1 channel"):
         run_on_samples(_trained(model), [rgb], "reconstruction", None, progress=False)
+
+
+def test_a_sample_that_never_moved_is_mapped_by_its_scaled_reconstruction(tiny_model):
+    """Stopped at x0 (Lr under the stop threshold), the projection is x0 and DSSIM(x0, x0) is all
+    zeros: the map is DSSIM(x0, f(x0)) times the zero-iteration scale instead (fail closed)."""
+    model = tiny_model("l2ae", dtype=torch.float32)
+    x = np.random.default_rng(4).random((2, 1, 32, 32)).astype(np.float32)
+    stopped = run_method(model, x, "projection", ProjectionConfig(max_iters=5, stop_threshold=1e9),
+                         zero_map_scale=0.25)
+    assert stopped.iterations.tolist() == [0, 0] and stopped.stop_reason == ["threshold", "threshold"]
+    with torch.no_grad():
+        recon = dssim_map(torch.from_numpy(x), model(torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(stopped.maps["dssim"], 0.25 * recon, rtol=1e-5, atol=1e-7)
+    assert stopped.maps["dssim"].max() > 0
+    moved = run_method(model, x, "projection", ProjectionConfig(max_iters=2), zero_map_scale=0.25)
+    assert moved.iterations.tolist() == [2, 2]
+    with torch.no_grad():
+        plain = dssim_map(torch.from_numpy(x), torch.from_numpy(moved.target)).numpy()
+    np.testing.assert_allclose(moved.maps["dssim"], plain, rtol=1e-5, atol=1e-7)
+
+
+def test_the_gate_in_the_evaluation(tiny_model):
+    model = tiny_model("l2ae", dtype=torch.float32)
+    x = np.random.default_rng(4).random((2, 1, 32, 32)).astype(np.float32)
+    gated = run_method(model, x, "projection", ProjectionConfig(max_iters=5), gate_threshold=1e9)
+    assert gated.iterations.tolist() == [1, 1] and gated.stop_reason == ["gate", "gate"]
+    assert gated.maps["dssim"].max() > 0 and gated.lr0.shape == (2,) and gated.rec_error.shape == (2, 32, 32)

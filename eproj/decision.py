@@ -1,0 +1,136 @@
+"""The calibrated verdict: image score, zero-iteration maps, the frame range gate.
+
+Shared by the reference evaluation (eproj.train) and the runtime (eproj.runtime);
+NumPy and OpenCV only. What a model's calibration stores (``calibration["decision"]``
+in model.pt, ``"decision"`` in a bundle's manifest) and how it is applied:
+
+- ``zero_iteration_map_scale``: a tile that took no projection step has
+  projection == x0, so DSSIM(x0, projection) is all zeros whether or not the tile
+  is defective. Its map is instead DSSIM(x0, f(x0)), the reconstruction's map,
+  times this scale (the projection's pixel threshold over the reconstruction's),
+  so its mask is exactly the reconstruction method's mask (fail closed: a tile the
+  loop never moved is judged by what was computed, never reported clean by default).
+- ``gate_lr``: the zero-iteration gate; a tile whose Lr(x0) is at most this is
+  finished at iteration 0: it keeps the first update, which the network pass at x0
+  has paid for, and takes no further pass (one pass, like a tile stopped at x0, but
+  its map DSSIM(x0, x1) is evidence, not zeros).
+- ``image_score``: one of ``IMAGE_SCORES``, chosen on validation data; a frame's
+  score is the maximum over its tiles; ``score_threshold`` the verdict's threshold.
+- ``min_region_area``: pixels (at model resolution) of the largest connected
+  region of the mask that normal validation images never reach.
+- ``frame_range``: per statistic of ``FRAME_STATISTICS``, the [low, high] range
+  outside which a frame is unlike any normal validation frame.
+
+The verdict (``verdict``): a frame is defective when any of its tiles lies outside
+the frame range (reason "unlike any normal frame"), when its mask has a connected
+region of at least ``min_region_area`` pixels, or when its score exceeds
+``score_threshold``. A non-finite statistic or score counts as outside and over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+IMAGE_SCORES = ("dssim_max", "dssim_area", "rec_error_max", "lr0")
+FRAME_STATISTICS = ("lr0", "map_mean")
+UNLIKE_NORMAL = "unlike any normal frame"
+GATE_REASON = "gate"  # the stop reason of a tile finished by the zero-iteration gate
+
+
+def rec_error_map(x0: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+    """(x0 - f(x0))^2 averaged over channels: (T, C, S, S) float32 pair -> (T, S, S) float32."""
+    return ((x0 - reconstruction) ** 2).mean(axis=1).astype(np.float32)
+
+
+def tile_scores(dssim: np.ndarray, rec_error: np.ndarray, lr0: np.ndarray,
+                pixel_threshold: float) -> dict[str, np.ndarray]:
+    """Every candidate image score per tile.
+
+    Args:
+        dssim: (T, S, S) the anomaly map (DSSIM to the projection, or the scaled
+            reconstruction map for zero-iteration tiles).
+        rec_error: (T, S, S) (x0 - f(x0))^2 averaged over channels.
+        lr0: (T,) Lr(x0). pixel_threshold: the map's segmentation threshold.
+    Returns:
+        name -> (T,) float64 for each name of ``IMAGE_SCORES``; ``dssim_area`` is the
+        fraction of the tile's pixels above the pixel threshold.
+    """
+    t = len(dssim)
+    flat = dssim.reshape(t, -1)
+    return {"dssim_max": flat.max(axis=1).astype(np.float64),
+            "dssim_area": (flat > pixel_threshold).mean(axis=1).astype(np.float64),
+            "rec_error_max": rec_error.reshape(t, -1).max(axis=1).astype(np.float64),
+            "lr0": np.asarray(lr0, np.float64)}
+
+
+def largest_region(mask: np.ndarray) -> int:
+    """Pixels of the largest 8-connected region of an (H, W) bool mask (0 if empty)."""
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    if not mask.any():
+        return 0
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    return int(stats[1:count, cv2.CC_STAT_AREA].max())
+
+
+def outside(value: float, bounds: list[float] | tuple[float, float]) -> bool:
+    """True when ``value`` is not within [low, high] (a NaN is outside)."""
+    low, high = bounds
+    return not (low <= value <= high)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A calibration's ``decision`` section (see the module docstring)."""
+
+    image_score: str = "dssim_max"
+    score_threshold: float = float("inf")
+    min_region_area: int | None = None
+    frame_range: dict[str, list[float]] | None = None
+    zero_iteration_map_scale: float = 1.0
+    gate_lr: float | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, score_threshold: float) -> "Decision":
+        """From a stored section; None (a model or bundle calibrated before it existed) gives
+        the old verdict: max of the map against ``score_threshold``, no gate, no range, and
+        zero-iteration tiles judged by their unscaled reconstruction map."""
+        if not values:
+            return cls(score_threshold=float(score_threshold))
+        if values["image_score"] not in IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {values['image_score']!r}")
+        gate = values.get("gate_lr")
+        area = values.get("min_region_area")
+        return cls(values["image_score"], float(values["score_threshold"]),
+                   None if area is None else int(area), values.get("frame_range"),
+                   float(values.get("zero_iteration_map_scale", 1.0)), None if gate is None else float(gate))
+
+    def frame_statistics(self, lr0: np.ndarray, dssim: np.ndarray) -> dict[str, float]:
+        """The frame-level statistics of one frame's tiles: the extreme of each over the
+        tiles, taken on the side farther from the normal range (max, or min below it)."""
+        per_tile = {"lr0": np.asarray(lr0, np.float64),
+                    "map_mean": dssim.reshape(len(dssim), -1).mean(axis=1).astype(np.float64)}
+        out = {}
+        for name, values in per_tile.items():
+            low, high = (self.frame_range or {}).get(name, (-np.inf, np.inf))
+            out[name] = float(values.min()) if values.min() < low else float(values.max())
+        return out
+
+    def verdict(self, score: float, mask: np.ndarray, statistics: dict[str, float]) -> tuple[bool, str]:
+        """(defect, reason) of one frame from its score, (H, W) bool mask at model
+        resolution and ``frame_statistics``; reason is "" for the plain verdict."""
+        for name, bounds in (self.frame_range or {}).items():
+            if outside(statistics[name], bounds):
+                return True, UNLIKE_NORMAL
+        if self.min_region_area is not None and largest_region(mask) >= self.min_region_area:
+            return True, ""
+        return not (score <= self.score_threshold), ""
+
+
+def frame_range(values: dict[str, np.ndarray], margin: float) -> dict[str, list[float]]:
+    """[min / margin, max * margin] of each statistic over normal validation tiles
+    (non-negative statistics; the range is a factor ``margin`` wider on each side)."""
+    return {name: [float(np.min(v)) / margin, float(np.max(v)) * margin] for name, v in values.items()}
