@@ -245,14 +245,8 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         "stop_rule": cal.get("stop_rule", "training-min"),
         "stop_rules": cal.get("stop_rules", {"training-min": {"stop_threshold": float(cal["stop_threshold"]),
                                                               "max_iters": None, "gate_lr": None}}),
-        # the stop rule in force and every rule calibrated (eproj.train.calibrate); a model
-        # calibrated before stop rules has its training-minimum threshold only
-        "stop_rule": cal.get("stop_rule", "training-min"),
-        "stop_rules": cal.get("stop_rules", {"training-min": {"stop_threshold": float(cal["stop_threshold"]),
-                                                              "max_iters": None, "gate_lr": None}}),
         "lr_stats": cal["lr_stats"],
         "segmentation": cal["segmentation"],
-        **({"decision": cal["decision"]} if "decision" in cal else {}),  # the verdict (eproj.decision)
         **({"decision": cal["decision"]} if "decision" in cal else {}),  # the verdict (eproj.decision)
         "projection": cal["projection"],
         "opset": opset,
