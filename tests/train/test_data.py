@@ -182,3 +182,26 @@ def test_the_checkpoint_records_the_fit_and_the_bundle_carries_it(tmp_path, caps
     old = {"data": "mvtec:/x/carpet", "steps": 10}  # a checkpoint from before the record
     assert _input_geometry(old) == {"fit": "tile", "scale": 1.0, "scale_recorded": False}
     assert _input_geometry({"data": "folder:/x"}) == {"fit": "resize", "scale": None, "scale_recorded": False}
+
+
+def test_a_run_with_fit_tile_never_keeps_a_model_calibrated_on_another_fit(tmp_path):
+    """--fit tile on a folder: model.pt is either calibrated on the folder's validation tiles
+    (4 per 80 x 80 image at working scale 0.8, model size 32) or refused and removed."""
+    from eproj.errors import CheckpointError
+    from eproj.train.checkpoint import load_model
+    from eproj.train.models import ModelConfig
+    from eproj.train.trainer import TrainConfig, train
+
+    rng = np.random.default_rng(2)
+    root = tmp_path / "fabric"
+    for i in range(3):
+        write_image(root / "train" / f"{i}.png", texture(rng, 80))
+    run = tmp_path / "run"
+    try:
+        path = train(run, ModelConfig(family="l2ae", size=32, latent=8),
+                     TrainConfig(data=f"folder:{root}", steps=1, batch=2, fit="tile"), progress=False)
+    except CheckpointError as error:
+        assert "was calibrated on 1 validation inputs" in str(error) and "with fit tile gives 4" in str(error)
+        assert not (run / "model.pt").exists()
+    else:
+        assert load_model(path).calibration["validation_images"] == 4
