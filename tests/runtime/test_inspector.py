@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -312,3 +313,98 @@ def test_a_defect_across_tile_borders_is_found_as_well_as_one_inside_a_tile(bric
     assert found["border"] == pytest.approx(found["inside"], rel=0.05)
     assert found["corner"] == pytest.approx(found["inside"], rel=0.05)
     assert not inspector(brick[256:512, 64:320].copy())[0].defect
+
+
+# -- fail closed: frames, options and results that are not finite ---------------------------------
+
+_HIDDEN_NAN = np.ma.masked_array(np.where(np.eye(32) > 0, np.nan, 0.5), mask=np.eye(32) > 0)
+with warnings.catch_warnings():  # np.matrix warns that it is not recommended: it is built here on purpose
+    warnings.simplefilter("ignore", PendingDeprecationWarning)
+    _MATRIX = np.matrix(np.full((32, 32), 0.5))
+
+
+@pytest.mark.parametrize("frames,message", [
+    (_HIDDEN_NAN, r"frames: expected a plain NumPy array, got a masked array"),
+    (np.ma.masked_array(np.full((32, 32), 7.0), mask=True), r"got a masked array"),
+    ([np.ma.masked_array(np.full((32, 32), 0.5))], r"frame 0: expected a plain NumPy array, got a masked array"),
+    (_MATRIX, r"got np\.matrix; pass np\.asarray\(frame\)"),
+    (np.zeros((0, 32), np.uint8), r"frame 0: is empty \(0 x 32 x 1\)"),
+    (np.zeros((2, 32, 0, 1), np.uint8), r"frame 0: is empty \(32 x 0 x 1\)"),
+    (np.zeros((0, 32, 32, 1), np.uint8), "no frames: the batch is empty"),
+    (np.full((32, 32), 1e300), r"float pixels must lie in \[0, 1\], got \[1e\+300, 1e\+300\]"),
+    (np.where(np.eye(32) > 0, np.inf, 0.5).astype(np.float32), r"has NaN or Inf pixels \(32 of 1024 values\)"),
+])
+def test_frames_that_hide_or_lack_values_are_refused(inspector, frames, message):
+    """Before, a masked array hiding NaN went through as its data (score -inf, no defect), and an
+    empty frame crashed inside NumPy."""
+    with pytest.raises(DataError, match=message):
+        inspector(frames)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(lam=float("nan")), "lam must be a finite number, got nan"),
+    (dict(lam=float("inf")), "lam must be a finite number, got inf"),
+    (dict(alpha=float("inf")), "alpha must be a finite number, got inf"),
+    (dict(step="adam", adam_eps=0.0, adam_beta2=1.0), r"adam_beta2 must lie in \[0, 1\), got 1.0"),
+    (dict(max_iters=10 ** 12), r"max_iters must lie in \[0, 100000\], got 1000000000000"),
+    (dict(max_iters=2.5), r"max_iters must be an integer, got 2.5 \(float\)"),
+    (dict(alpha="0.5"), r"alpha must be a number, got '0.5' \(str\)"),
+    (dict(stop_threshold=float("inf")), "stop_threshold must be a finite number or -inf, got inf"),
+    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    (dict(batch_size=2.5), r"batch_size must be an integer, got 2.5 \(float\)"),
+    (dict(batch_size=True), r"batch_size must be an integer, got True \(bool\)"),
+    (dict(check_every=0), "check_every must be >= 1, got 0"),
+    (dict(check_every="8"), r"check_every must be an integer, got '8' \(str\)"),
+    (dict(channel_order="BGR"), r"channel_order must be one of \('bgr', 'rgb'\), got 'BGR'"),
+    (dict(fit="crop"), r"fit must be one of \('none', 'resize', 'tile'\), got 'crop'"),
+    (dict(method=1), r"method must be one of \('projection', 'reconstruction', 'ensemble'\), got 1 \(int\)"),
+    (dict(threads=-1), "threads must be >= 0, got -1"),
+    (dict(threads=1.5), r"threads must be an integer, got 1.5 \(float\)"),
+    (dict(cuda_graphs="yes"), r"cuda_graphs must be True, False or None, got 'yes'"),
+])
+def test_bad_options_are_refused_where_they_enter(bundles, options, message):
+    """Before, lam=nan, alpha=inf or Adam with eps 0 and beta2 1 gave score -inf and no defect, and
+    max_iters=10**12 never ended."""
+    with pytest.raises(ConfigError, match=message):
+        Inspector.from_bundle(bundles["l2ae"][1], backend="onnxruntime", **options)
+
+
+@pytest.fixture(scope="module")
+def poisoned_bundle(bundles, tmp_path_factory):
+    """The l2ae bundle with one weight of its step graph all NaN, re-hashed as a damaged export would be."""
+    import os
+
+    import onnx
+    from onnx import numpy_helper
+
+    from eproj.bundle import write_manifest
+
+    src, dst = bundles["l2ae"][1], tmp_path_factory.mktemp("poisoned") / "bundle"
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name not in ("step.onnx", "manifest.json"):
+            os.link(p, dst / p.name)
+    graph = onnx.load(str(src / "step.onnx"))
+    weight = next(t for t in graph.graph.initializer if numpy_helper.to_array(t).size > 1
+                  and numpy_helper.to_array(t).dtype == np.float32)
+    weight.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(weight), np.nan), weight.name))
+    onnx.save(graph, str(dst / "step.onnx"))
+    manifest = json.loads((src / "manifest.json").read_text())
+    write_manifest(dst, {k: v for k, v in manifest.items() if k not in ("schema_version", "files")})
+    return dst
+
+
+@pytest.mark.parametrize("method", ["projection", "reconstruction"])
+def test_a_non_finite_result_fails_closed(poisoned_bundle, method):
+    """Before, a NaN map scored -inf and answered defect=False."""
+    from eproj.runtime.inspector import FAILED_SCORE
+
+    inspector = Inspector.from_bundle(poisoned_bundle, backend="onnxruntime", method=method, max_iters=3,
+                                      fit="none")
+    results = inspector([_frame(0), _frame(1)])
+    for r in results:
+        assert r.failed and r.defect and r.score == FAILED_SCORE
+        assert r.reason.startswith("non-finite result") or "; non-finite result" in r.reason
+        assert "anomaly map has 1024 NaN/Inf values of 1024" in r.reason
+        assert r.mask.all()  # no pixel of it can be vouched for
+        json.dumps({"score": r.score, "defect": r.defect}, allow_nan=False)  # stays valid JSON
