@@ -4,8 +4,8 @@ The runtime knows no reference of its own (it never imports the training code):
 the command line passes the PyTorch eager-autograd one
 (``eproj.benchmarking.eager_reference``).
 
-Every frame runs exactly ``iters`` iterations (the stop threshold and the
-energy criterion are switched off), so both sides do equal work. Rows report
+Every frame runs exactly ``iters`` iterations (the stop threshold, the energy
+criterion and the zero-iteration gate are switched off), so both sides do equal work. Rows report
 latency p50/p90/p99 per call of ``batch`` frames, frames per second, the split
 into preprocess / iterations / DSSIM / postprocess, the share of the iteration
 time spent outside the network (the step graph timed alone), and the
@@ -88,7 +88,8 @@ def bench(bundle: str, backend: str = "auto", device: str | None = None, batches
     for batch in batches:
         inspector = Inspector.from_bundle(bundle, backend=backend, device=device, threads=threads,
                                           precision=precision, fit=fit, batch_size=max(batch, 1) * 64,
-                                          max_iters=iters, stop_threshold=float("-inf"), energy_tol=0.0)
+                                          max_iters=iters, stop_threshold=float("-inf"), energy_tol=0.0,
+                                          gate_lr=float("-inf"))
         frames = synthetic_frames(batch, frame_size, inspector.bundle.channels, seed=batch)
         if warmup:
             say(f"batch {batch}: {warmup} warm-up call(s): building the loops and letting the backend choose "

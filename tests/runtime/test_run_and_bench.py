@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,10 +122,14 @@ def test_bad_sources_and_show_without_a_gui(bundles, tmp_path, capsys):
     assert "--show needs OpenCV with GUI support" in capsys.readouterr().err
 
 
-def test_bench_writes_latency_rows_beside_the_reference(bundles, tmp_path):
+def test_bench_writes_latency_rows_beside_the_reference(bundles, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", str(bundles["dsae"][1]), "--backend", "onnxruntime", "--batch", "1,3", "--iters", "2",
                  "--repeats", "2", "--warmup", "1", "--json", str(out)]) == 0
+    said = capsys.readouterr().err  # never silent: each step, and a bar per batch size
+    for step in ("eproj bench: loading", "batch 1: 1 warm-up call(s)", "batch 3: the reference", "batch 3: p50"):
+        assert step in said
+    assert re.search(r"batch 1: +\d+%\|", said) and re.search(r"batch 3: +\d+%\|", said)  # the bars
     result = json.loads(out.read_text())
     assert [row["batch"] for row in result["rows"]] == [1, 3]
     for row in result["rows"]:
