@@ -38,7 +38,7 @@ from tqdm import tqdm
 from eproj.errors import ConfigError, DataError, EprojError
 from eproj.files import write_atomic
 from eproj.runtime.inspector import InspectionResult, Inspector
-from eproj.runtime.sources import DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_MAX_PIXELS, open_source
+from eproj.runtime.sources import DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_MAX_PIXELS, check_spec, open_source
 
 RESULTS = "results.jsonl"
 
@@ -302,7 +302,8 @@ def summary(counts: dict[str, int]) -> str:
 def cmd_run(args: Any) -> int:
     _stop_on_sigterm()
     out = Path(args.out)
-    prepare_out(out)  # before loading the bundle: a bad --out is told at once
+    check_spec(args.source)  # before loading the bundle: a bad --source or --out is told at once
+    prepare_out(out)
     with inspector_from_args(args) as inspector:
         print(f"eproj run: {inspector.backend_note}", file=sys.stderr)
         counts = run_stream(inspector, args.source, out, show=args.show, max_frames=args.max_frames,

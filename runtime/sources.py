@@ -241,7 +241,15 @@ def _camera(index: int, gray: bool, first_frame_timeout: float = DEFAULT_FIRST_F
         capture.release()
 
 
+def check_spec(spec: str) -> None:
+    """Refuse a malformed ``camera:N`` at once, before anything slow (loading a bundle) runs."""
+    if spec.startswith("camera:"):
+        _camera_index(spec)
+
+
 def _camera_index(spec: str) -> int:
+    """N of ``camera:N``: a decimal index >= 0 (OpenCV treats negative indices as "any camera",
+    and some of its backends crash on them)."""
     text = spec.partition(":")[2]
     if not text.strip().isdigit():
         raise DataError(f"a camera source is camera:N with N a camera index >= 0 (camera:0), got {spec!r}")
