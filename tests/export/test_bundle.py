@@ -57,7 +57,7 @@ def test_step_graph_matches_autograd(bundles, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graphs_pass_the_checker_and_stay_in_the_operator_list(bundles, family):
     _, folder = bundles[family]
-    for name in GRAPHS:
+    for name in GRAPHS if family != "unet" else ("step.onnx", "step_fp16.onnx"):  # a unet bundle: no encoder/decoder
         model = onnx.load(str(folder / name))
         onnx.checker.check_model(model, full_check=True)
         assert graph_ops(folder / name) <= ALLOWED_OPS, name
@@ -142,8 +142,11 @@ def test_fp16_step_error_is_measured_and_recorded(bundles, family):
     assert all(np.isfinite(e) and e >= 0 for e in errors.values()), errors
     # float16 keeps about 3 decimal digits. On these barely trained models the KL gradient is
     # a small difference of large terms, so only the well-conditioned outputs are bounded here;
-    # test_fp16_error_on_a_trained_model bounds them all.
-    assert all(errors[k] < 1e-2 for k in ("reconstruction", "loss", "grad")), errors
+    # test_fp16_error_on_a_trained_model bounds them all. The U-Net's gradient moves by 1.2 % (relative
+    # L2) on this barely trained model when its weights alone are rounded to float16 and the step runs
+    # in float32 (ReLU kinks and max-pooling routes flip), so it is bounded at 3e-2.
+    assert all(errors[k] < 1e-2 for k in ("reconstruction", "loss")), errors
+    assert errors["grad"] < (3e-2 if family == "unet" else 1e-2), errors
     assert entry["inputs"] == {"x": ["N", 1, 32, 32]}
     session = ort.InferenceSession(str(folder / "step_fp16.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(float)"
@@ -344,7 +347,7 @@ NAN, INF = float("nan"), float("inf")
     (_set(("projection", "step_size"), 0.5), r"projection has unknown parameter\(s\) \['step_size'\]"),
     (_set(("some_later_field", "limit"), NAN), r"some_later_field\.limit must be a finite number"),
     (_set(("lr_stats", "min"), "low"), r"lr_stats\.min must be a finite number"),
-    (_set(("family",), "resnet"), r"family must be one of \('l2ae', 'dsae', 'vae', 'gvae'\), got 'resnet'"),
+    (_set(("family",), "resnet"), r"family must be one of \('l2ae', 'dsae', 'vae', 'gvae', 'unet'\), got 'resnet'"),
     (_set(("input", "size"), "32"), r"input\.size must be an integer in \[1, 65536\], got '32' \(str\)"),
     (_set(("input", "channels"), 2), r"input\.channels must be 1 or 3, got 2"),
     (_set(("input", "fit"), "crop"), r"input\.fit must be one of \('none', 'resize', 'tile'\)"),
