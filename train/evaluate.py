@@ -126,6 +126,16 @@ class MethodOutput:
     lr0: np.ndarray
 
 
+def _chunks(n: int, batch: int, progress: bool, desc: str):
+    """The start of each chunk of ``batch`` tiles out of ``n``, with a bar over tiles that
+    says which tiles are in flight (a projected chunk can take a minute)."""
+    with tqdm(total=n, desc=desc, unit="tile", disable=not progress, leave=False) as bar:
+        for start in range(0, n, batch):
+            bar.set_postfix_str(f"tiles {start + 1}-{min(start + batch, n)} in flight")
+            yield start
+            bar.update(min(batch, n - start))
+
+
 def run_method(model: Autoencoder, images: np.ndarray, method: str,
                config: ProjectionConfig | None = None, batch: int = 32,
                progress: bool = False, desc: str = "", inspector: Any = None,
@@ -140,8 +150,7 @@ def run_method(model: Autoencoder, images: np.ndarray, method: str,
     if method == "projection" and config is None:
         raise ConfigError("the projection method needs a ProjectionConfig")
     targets, dssim, l2, iterations, reasons, rec_error, lr0 = [], [], [], [], [], [], []
-    chunks = range(0, len(images), batch)
-    for start in tqdm(chunks, desc=desc or method, unit="batch", disable=not progress, leave=False):
+    for start in _chunks(len(images), batch, progress, desc or method):
         x0 = torch.from_numpy(np.ascontiguousarray(images[start:start + batch]))
         if method == "projection":
             result = project(model, x0, config, gate_threshold=gate_threshold)
@@ -169,8 +178,7 @@ def _run_inspector(inspector: Any, images: np.ndarray, method: str, batch: int, 
     if inspector.method != method:
         raise ConfigError(f"the inspector runs {inspector.method}, not {method}")
     targets, dssim, iterations, reasons, rec_error, lr0 = [], [], [], [], [], []
-    chunks = range(0, len(images), batch)
-    for start in tqdm(chunks, desc=desc or method, unit="batch", disable=not progress, leave=False):
+    for start in _chunks(len(images), batch, progress, desc or method):
         part = images[start:start + batch]
         results = inspector([image.transpose(1, 2, 0) for image in part])
         targets.append(np.stack([r.projection.transpose(2, 0, 1) for r in results]))

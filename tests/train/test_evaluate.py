@@ -82,3 +82,12 @@ def test_the_gate_in_the_evaluation(tiny_model):
     gated = run_method(model, x, "projection", ProjectionConfig(max_iters=5), gate_threshold=1e9)
     assert gated.iterations.tolist() == [1, 1] and gated.stop_reason == ["gate", "gate"]
     assert gated.maps["dssim"].max() > 0 and gated.lr0.shape == (2,) and gated.rec_error.shape == (2, 32, 32)
+
+
+def test_the_progress_bar_counts_tiles_and_says_which_are_in_flight(capsys):
+    from eproj.train.evaluate import _chunks
+
+    assert list(_chunks(70, 32, True, "projection l2ae")) == [0, 32, 64]
+    err = capsys.readouterr().err
+    assert "0/70" in err and "tiles 1-32 in flight" in err and "tiles 65-70 in flight" in err
+    assert list(_chunks(5, 32, False, "quiet")) == [0] and capsys.readouterr().err == ""
