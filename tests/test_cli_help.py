@@ -75,6 +75,7 @@ def test_threads_before_or_after_the_subcommand(argv, threads):
     (["train", "--data", "d", "--model", "l2ae", "--out", "o", "--lr", "inf"], "expected a finite number"),
     (["train", "--data", "d", "--model", "l2ae", "--out", "o", "--lr", "0"], "expected a number > 0"),
     (["bench", "b", "--json", "x", "--iters", "0"], "expected an integer >= 1"),
+    (["sweep", "--data", "d", "--parameter", "beta", "--values", "1,nan", "--out", "o"], "finite numbers"),
 ])
 def test_bad_numbers_are_refused_where_they_enter(capsys, argv, expected):
     with pytest.raises(SystemExit) as exit:
