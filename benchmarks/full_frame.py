@@ -281,9 +281,17 @@ def main() -> None:
         out["bundle"] = {"model": args.model, "input": manifest["input"], "stop_threshold": manifest["stop_threshold"],
                          "stop_rule": manifest.get("stop_rule", "training-min (this bundle names none)"),
                          "lr_training_min": training_min}
+        measured: dict[str, str] = {}  # the settings' effective projection -> the setting measured with it
         for name, options in settings.items():
             with Inspector.from_bundle(folder, **common, **options) as inspector:
                 config = inspector.config
+                effective = repr((config, getattr(inspector, "gate_lr", None)))
+                if effective in measured:  # the bundle's own criterion is the override's: measured once
+                    out["rows"] += [{**row, "setting": name, "options": dict(options), "same_as": measured[effective]}
+                                    for row in out["rows"] if row["setting"] == measured[effective]]
+                    print(f"{name:>8}: the same projection as {measured[effective]}", flush=True)
+                    continue
+                measured[effective] = name
                 for frame_name, frame in made["frames"].items():
                     mask = made["defect"]["mask"] if frame_name == "defect" else None
                     runtime = time_runtime(inspector, frame, args.repeats, mask)
