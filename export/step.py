@@ -201,17 +201,21 @@ class StepModule(nn.Module):
 
     def _upsampling(self, level: int) -> torch.Tensor:
         """B of the upsampling from level ``level`` (1/2^level of the input) to the level above."""
-        return getattr(self, f"upsampling_{level}")
+        matrix = getattr(self, f"upsampling_{level}")
+        assert isinstance(matrix, torch.Tensor)
+        return matrix
 
     def _unet_forward(self, x: torch.Tensor) -> tuple[list, list, list]:
         """The U-Net's values: per level, its down block's layer outputs (input first) and its pooled
         input; per up level, its up block's layer outputs (the concatenation first); the output block's."""
         model = self.model
         assert isinstance(model, UNet)
-        down, pooled = [_run(model.down[0], x)], [None]
+        down = [_run(model.down[0], x)]
+        pooled: list[torch.Tensor | None] = [None]  # level 0 takes x itself, unpooled
         for level in range(1, UNET_LEVELS):
-            pooled.append(max_pool(down[-1][-1]))
-            down.append(_run(model.down[level], pooled[-1]))
+            level_input = max_pool(down[-1][-1])
+            pooled.append(level_input)
+            down.append(_run(model.down[level], level_input))
         up: list = [None] * (UNET_LEVELS - 1)
         h = down[-1][-1]
         for level in range(UNET_LEVELS - 2, -1, -1):

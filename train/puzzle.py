@@ -92,7 +92,7 @@ def permute_tiles(images: np.ndarray | torch.Tensor, order) -> np.ndarray | torc
         for t, source in enumerate(row):
             ys, xs = _tile_slices(size, t)
             ysrc, xsrc = _tile_slices(size, int(source))
-            out[i, :, ys, xs] = images[i, :, ysrc, xsrc]
+            out[i, :, ys, xs] = images[i, :, ysrc, xsrc]  # type: ignore[assignment]  # same array type
     return out
 
 
@@ -123,8 +123,8 @@ def make_puzzles(rng: np.random.Generator, images: np.ndarray, kind: str) -> tup
     """
     allowed = permutation_set(kind)
     n = images.shape[0]
-    orders = allowed[rng.integers(0, len(allowed), n)]
-    tiles = rng.integers(0, TILES, n)
+    orders = allowed[rng.integers(0, len(allowed), size=n)]
+    tiles = np.asarray(rng.integers(0, TILES, size=n))
     puzzled = permute_tiles(corrupt_tile(images, tiles), orders)
     return np.ascontiguousarray(puzzled, dtype=np.float32), orders, tiles
 
