@@ -14,6 +14,10 @@ in model.pt, ``"decision"`` in a bundle's manifest) and how it is applied:
   finished at iteration 0: it keeps the first update, which the network pass at x0
   has paid for, and takes no further pass (one pass, like a tile stopped at x0, but
   its map DSSIM(x0, x1) is evidence, not zeros).
+- ``map_scale``: per step count t, the factor of a tile's map (t = 0: of its
+  reconstruction map): the map of an iterate grows with t, and the factors put every
+  tile's map on one scale (the normal validation images' quantile at each t maps to the
+  pixel threshold), so tiles stopped after few steps and after many are comparable;
 - ``image_score``: one of ``IMAGE_SCORES``, chosen on validation data; a frame's
   score is the maximum over its tiles; ``score_threshold`` the verdict's threshold.
 - ``min_region_area``: pixels (at model resolution) of the largest connected
@@ -92,6 +96,7 @@ class Decision:
     frame_range: dict[str, list[float]] | None = None
     zero_iteration_map_scale: float = 1.0
     gate_lr: float | None = None
+    map_scale: tuple[float, ...] | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, score_threshold: float) -> "Decision":
@@ -104,9 +109,11 @@ class Decision:
             raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {values['image_score']!r}")
         gate = values.get("gate_lr")
         area = values.get("min_region_area")
+        scale = values.get("map_scale")
         return cls(values["image_score"], float(values["score_threshold"]),
                    None if area is None else int(area), values.get("frame_range"),
-                   float(values.get("zero_iteration_map_scale", 1.0)), None if gate is None else float(gate))
+                   float(values.get("zero_iteration_map_scale", 1.0)), None if gate is None else float(gate),
+                   None if scale is None else tuple(float(v) for v in scale))
 
     def frame_statistics(self, lr0: np.ndarray, dssim: np.ndarray) -> dict[str, float]:
         """The frame-level statistics of one frame's tiles: the extreme of each over the
@@ -128,6 +135,16 @@ class Decision:
         if self.min_region_area is not None and largest_region(mask) >= self.min_region_area:
             return True, ""
         return not (score <= self.score_threshold), ""
+
+
+def map_factors(iterations: np.ndarray, map_scale: tuple[float, ...] | None, zero_map_scale: float) -> np.ndarray:
+    """(T,) float32 factor of each tile's map for its step count (``map_scale[t]``, the last one
+    beyond its length); without ``map_scale``: ``zero_map_scale`` at t = 0 and 1 otherwise."""
+    iterations = np.asarray(iterations)
+    if map_scale is None:
+        return np.where(iterations == 0, zero_map_scale, 1.0).astype(np.float32)
+    scale = np.asarray(map_scale, np.float32)
+    return scale[np.minimum(iterations, len(scale) - 1)]
 
 
 def frame_range(values: dict[str, np.ndarray], margin: float) -> dict[str, list[float]]:

@@ -246,7 +246,8 @@ class Inspector:
             loop = "projection" if self.method == "ensemble" else self.method
             gate = None if self.gate_lr is None or self.gate_lr == float("-inf") else self.gate_lr
             args = (n, self.bundle.channels, self.bundle.size, self.config, self.pixel_threshold, loop,
-                    self.check_every, gate, self.decision.zero_iteration_map_scale, self.compact)
+                    self.check_every, gate, self.decision.zero_iteration_map_scale, self.compact,
+                    self.decision.map_scale)
             workers = min(self.backend.workers, n)
             self._projectors[n] = (ParallelProjector(self.backend.serial(), *args, workers=workers) if workers > 1
                                    else Projector(self.backend, *args))

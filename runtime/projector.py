@@ -31,7 +31,7 @@ import numpy as np
 
 import eproj.cpp_ext as kernels
 from eproj.config import STOP_REASON_CODES, ProjectionConfig
-from eproj.decision import GATE_REASON, rec_error_map
+from eproj.decision import GATE_REASON, map_factors, rec_error_map
 from eproj.errors import ConfigError
 from eproj.runtime.backends.base import Backend
 
@@ -81,7 +81,8 @@ class Projector:
 
     def __init__(self, backend: Backend, n: int, channels: int, size: int, config: ProjectionConfig,
                  dssim_threshold: float, method: str = "projection", check_every: int | None = None,
-                 gate_lr: float | None = None, zero_map_scale: float = 1.0, compact: bool = True):
+                 gate_lr: float | None = None, zero_map_scale: float = 1.0, compact: bool = True,
+                 map_scale: tuple[float, ...] | None = None):
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
         if not zero_map_scale > 0:
@@ -89,6 +90,7 @@ class Projector:
         self.backend, self.n, self.config, self.method = backend, n, config, method
         self.channels, self.size, self.dssim_threshold = channels, size, dssim_threshold
         self.gate_lr, self.zero_map_scale, self.compact = gate_lr, float(zero_map_scale), compact
+        self.map_scale = map_scale
         self.check_every = check_every or (1 if backend.device == "cpu" else 8)
         b = backend
         shape = (n, channels, size, size)
@@ -260,9 +262,14 @@ class Projector:
             reasons = b.download(self.reason)
             out.stop_reason = [GATE_REASON if g else STOP_REASON_CODES[int(r)] for g, r in zip(gated, reasons)]
         if len(still):
-            out.dssim[still] = b.download(self.recon_dssim)[still] * np.float32(self.zero_map_scale)
-            out.mask[still] = b.download(self.recon_mask)[still].astype(bool)
-            out.tile_max[still] = b.download(self.recon_max)[still] * np.float32(self.zero_map_scale)
+            out.dssim[still] = b.download(self.recon_dssim)[still]
+        if self.method == "projection":  # every map on one scale (eproj.decision.map_factors)
+            factors = map_factors(iterations, self.map_scale, self.zero_map_scale)
+            scaled = np.nonzero(factors != 1)[0]
+            if len(scaled):
+                out.dssim[scaled] *= factors[scaled, None, None]
+                out.mask[scaled] = out.dssim[scaled] > self.dssim_threshold
+                out.tile_max[scaled] = out.dssim[scaled].reshape(len(scaled), -1).max(axis=1)
         out.timings = {"iterations": 1e3 * (looped - start), "dssim": 1e3 * (mapped - looped),
                        "download": 1e3 * (time.perf_counter() - mapped)}
         return out
@@ -293,14 +300,14 @@ class ParallelProjector:
     def __init__(self, backend: Backend, n: int, channels: int, size: int, config: ProjectionConfig,
                  dssim_threshold: float, method: str = "projection", check_every: int | None = None,
                  gate_lr: float | None = None, zero_map_scale: float = 1.0, compact: bool = True,
-                 workers: int = 2):
+                 map_scale: tuple[float, ...] | None = None, workers: int = 2):
         if not 2 <= workers <= n:
             raise ConfigError(f"a parallel projector needs 2 <= workers <= n, got workers={workers}, n={n}")
         self.n, self.backend = n, backend
         sizes = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
         self.bounds = np.cumsum([0] + sizes)
         self.parts = [Projector(backend, k, channels, size, config, dssim_threshold, method, check_every,
-                                gate_lr, zero_map_scale, compact) for k in sizes]
+                                gate_lr, zero_map_scale, compact, map_scale) for k in sizes]
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eproj-loop")
 
     def close(self) -> None:

@@ -82,3 +82,10 @@ def test_an_uncalibrated_decision_is_the_plain_rule():
 
 def test_frame_range_widens_by_the_margin():
     assert frame_range({"lr0": np.array([2.0, 4.0, 8.0])}, 2.0) == {"lr0": [1.0, 16.0]}
+
+
+def test_map_factors():
+    from eproj.decision import map_factors
+
+    np.testing.assert_allclose(map_factors(np.array([0, 1, 5]), None, 0.25), [0.25, 1, 1])
+    np.testing.assert_allclose(map_factors(np.array([0, 1, 5]), (0.5, 4.0, 2.0), 0.25), [0.5, 4.0, 2.0])

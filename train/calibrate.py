@@ -153,12 +153,26 @@ def _maps_at(images: np.ndarray, iterates: np.ndarray, times: np.ndarray) -> tup
         return dssim_map(x0, target).numpy(), l2_map(x0, target).numpy()
 
 
-def _rule_maps(dssim: np.ndarray, recon_dssim: np.ndarray, times: np.ndarray, scale: float) -> np.ndarray:
-    """The maps the runtime reports: a sample that took no step gets its scaled reconstruction map."""
+def _rule_maps(dssim: np.ndarray, recon_dssim: np.ndarray, times: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The maps the runtime reports (``eproj.decision.scale_maps``): each sample's map times
+    ``scale[t]`` for its t steps; one that took none gets its reconstruction map times scale[0]."""
     out = dssim.copy()
     still = times == 0
-    out[still] = recon_dssim[still] * np.float32(scale)
-    return out
+    out[still] = recon_dssim[still]
+    return out * scale[np.minimum(times, len(scale) - 1)].astype(np.float32)[:, None, None]
+
+
+def normal_quantiles(images: np.ndarray, iterates: np.ndarray, recon_dssim: np.ndarray, quantile: float) -> np.ndarray:
+    """(T+1,) the ``quantile`` of DSSIM(x0, x_t) over the pixels of the normal validation images
+    for every t (t = 0: of their reconstruction maps). The map of an iterate grows with t; a
+    tile's map divided by the value at its t is on the same scale whatever its stop time."""
+    x0 = torch.from_numpy(images)
+    values = [float(np.quantile(recon_dssim, quantile))]
+    with torch.no_grad():
+        for t in range(1, iterates.shape[1]):
+            m = dssim_map(x0, torch.from_numpy(iterates[:, t].astype(np.float32))).numpy()
+            values.append(float(np.quantile(m, quantile)))
+    return np.maximum(np.array(values), 1e-12)
 
 
 def _projection_threshold(dssim: np.ndarray, times: np.ndarray, quantile: float) -> float | None:
@@ -168,8 +182,7 @@ def _projection_threshold(dssim: np.ndarray, times: np.ndarray, quantile: float)
 
 
 def choose_rule(lr: np.ndarray, iterates: np.ndarray, images: np.ndarray, masks: np.ndarray, normal: np.ndarray,
-                recon_dssim: np.ndarray, train_min: float, recon_threshold: float,
-                quantile: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                recon_dssim: np.ndarray, train_min: float, levels: np.ndarray) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate the training-min rule and every ``RULE_GRID`` rule on the validation images
     (``normal`` (N,) bool marks the normal ones; ``masks`` (N, S, S) the defects) and pick the
     validation rule. Returns the chosen rule's entry and every rule's entry (settings and
@@ -187,9 +200,7 @@ def choose_rule(lr: np.ndarray, iterates: np.ndarray, images: np.ndarray, masks:
         key = tuple(times) + tuple(ungated)
         if key not in cache:
             dssim, _ = _maps_at(images, iterates, times)
-            plain, _ = _maps_at(images[normal], iterates[normal], ungated[normal])
-            t_proj = _projection_threshold(plain, ungated[normal], quantile) or recon_threshold
-            maps = _rule_maps(dssim, recon_dssim, times, t_proj / recon_threshold)
+            maps = _rule_maps(dssim, recon_dssim, times, 1.0 / levels)  # AUROC, AUPRO: any common factor
             entry = {"pixel_auroc": pixel_auroc(list(maps), list(masks)) if has_defects else None,
                      "aupro": aupro(list(maps), list(masks), 0.3) if has_defects else None}
             cache[key] = entry
@@ -240,13 +251,14 @@ def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConf
     recon = {"dssim": float(np.quantile(recon_dssim[normal], quantile)),
              "l2": float(np.quantile(recon_l2[normal], quantile)),
              "score": float(np.quantile(recon_dssim[normal].reshape(normal.sum(), -1).max(axis=1), quantile))}
-    chosen, table = choose_rule(lr, iterates, images, masks, normal, recon_dssim, stats["min"], recon["dssim"],
-                                quantile)
+    levels = normal_quantiles(images[normal], iterates[normal], recon_dssim[normal], quantile)
+    chosen, table = choose_rule(lr, iterates, images, masks, normal, recon_dssim, stats["min"], levels)
     rules = {"validation": {"stop_threshold": chosen["stop_threshold"], "max_iters": chosen["max_iters"],
                             "gate_lr": chosen["gate_lr"], "k": chosen["k"]},
              "training-min": {"stop_threshold": stats["min"], "max_iters": CAP, "gate_lr": None}}
     for rule in rules.values():
-        rule.update(rule_calibration(rule, lr, iterates, images, normal, recon, recon_dssim, rec_error, quantile))
+        rule.update(rule_calibration(rule, lr, iterates, images, normal, recon, recon_dssim, rec_error, levels,
+                                     quantile))
     active = rules["validation"]
     return {"lr_stats": stats, "stop_rule": "validation", "stop_threshold": active["stop_threshold"],
             "stop_rules": rules, "stop_rule_selection": table, "quantile": quantile,
@@ -257,7 +269,7 @@ def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConf
 
 def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray, images: np.ndarray,
                      normal: np.ndarray, recon: dict[str, float], recon_dssim: np.ndarray, rec_error: np.ndarray,
-                     quantile: float) -> dict[str, Any]:
+                     levels: np.ndarray, quantile: float) -> dict[str, Any]:
     """The projection's segmentation thresholds and the decision (``eproj.decision``) under one stop
     rule, from the validation trajectories: ``{"segmentation": ..., "decision": ...}``."""
     times = stop_times(lr, rule["stop_threshold"], rule["max_iters"], rule["gate_lr"])
@@ -265,7 +277,7 @@ def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray,
     plain_dssim, plain_l2 = _maps_at(images[normal], iterates[normal], ungated[normal])
     moved = ungated[normal] > 0
     t_proj = _projection_threshold(plain_dssim, ungated[normal], quantile) or recon["dssim"]
-    scale = t_proj / recon["dssim"]
+    scale = (t_proj / levels)[:rule["max_iters"] + 1]  # every map on the scale of the rule's own maps
     dssim, _ = _maps_at(images, iterates, times)
     maps = _rule_maps(dssim, recon_dssim, times, scale)
     scores = tile_scores(maps, rec_error, lr[:, 0], t_proj)
@@ -285,7 +297,8 @@ def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray,
                                     "map_mean": maps[normal].reshape(normal.sum(), -1).mean(axis=1)},
                                    RANGE_MARGIN),
         "range_margin": RANGE_MARGIN,
-        "zero_iteration_map_scale": float(scale),
+        "zero_iteration_map_scale": float(scale[0]),
+        "map_scale": [float(v) for v in scale],
         "gate_lr": rule["gate_lr"],
     }
     return {"segmentation": segmentation, "decision": decision}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eproj.decision import IMAGE_SCORES, Decision, rec_error_map, tile_scores
+from eproj.decision import IMAGE_SCORES, Decision, map_factors, rec_error_map, tile_scores
 from eproj.errors import ConfigError, DataError
 from eproj.files import write_atomic
 from eproj.train.checkpoint import TrainedModel, load_model
@@ -89,13 +89,16 @@ def decision_of(trained: TrainedModel, method: str, rule: str | None = None) -> 
 
 
 def projection_maps(model: Autoencoder, x0: torch.Tensor, projection: torch.Tensor, iterations: np.ndarray,
-                    zero_map_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    zero_map_scale: float = 1.0, map_scale: tuple[float, ...] | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The projection's maps as the runtime forms them.
 
     Args:
         x0, projection: (N, C, S, S); iterations: (N,) steps each sample took.
         zero_map_scale: the factor of DSSIM(x0, f(x0)) that is the map of a sample that
             took no step (its projection is x0; see ``eproj.decision``).
+        map_scale: the factors of the DSSIM maps per step count (``eproj.decision.map_factors``);
+            it replaces ``zero_map_scale`` when given.
     Returns:
         dssim (N, S, S), l2 (N, S, S), rec_error (N, S, S) = (x0 - f(x0))^2 over channels,
         lr0 (N,) = Lr(x0); float32.
@@ -107,8 +110,9 @@ def projection_maps(model: Autoencoder, x0: torch.Tensor, projection: torch.Tens
         still = np.nonzero(np.asarray(iterations) == 0)[0]
         if len(still):
             rows = torch.from_numpy(still)
-            dssim[still] = dssim_map(x0[rows], reconstruction[rows]).numpy() * np.float32(zero_map_scale)
+            dssim[still] = dssim_map(x0[rows], reconstruction[rows]).numpy()
             l2[still] = l2_map(x0[rows], reconstruction[rows]).numpy()
+        dssim *= map_factors(iterations, map_scale, zero_map_scale)[:, None, None]
     return dssim, l2, rec_error_map(x0.numpy(), reconstruction.numpy()), lr0.numpy()
 
 
@@ -139,7 +143,8 @@ def _chunks(n: int, batch: int, progress: bool, desc: str):
 def run_method(model: Autoencoder, images: np.ndarray, method: str,
                config: ProjectionConfig | None = None, batch: int = 32,
                progress: bool = False, desc: str = "", inspector: Any = None,
-               gate_threshold: float | None = None, zero_map_scale: float = 1.0) -> MethodOutput:
+               gate_threshold: float | None = None, zero_map_scale: float = 1.0,
+               map_scale: tuple[float, ...] | None = None) -> MethodOutput:
     """Apply a method to (N, C, S, S) float32 images in [0, 1], ``batch`` images at a time,
     on the reference or, with ``inspector`` (an eproj.runtime.Inspector), on the runtime.
     ``gate_threshold`` and ``zero_map_scale``: the zero-iteration gate and map (``projection_maps``)."""
@@ -161,8 +166,10 @@ def run_method(model: Autoencoder, images: np.ndarray, method: str,
                 target = model(x0)
             its = np.zeros(len(x0), np.int64)
             reasons += ["none"] * len(x0)
-        maps = projection_maps(model, x0, target.detach(), its if method == "projection" else np.ones_like(its),
-                               zero_map_scale)
+        if method == "projection":
+            maps = projection_maps(model, x0, target.detach(), its, zero_map_scale, map_scale)
+        else:
+            maps = projection_maps(model, x0, target.detach(), np.ones_like(its))
         dssim.append(maps[0])
         l2.append(maps[1])
         rec_error.append(maps[2])
@@ -232,7 +239,8 @@ def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str
         owners += [i] * len(parts)
     out = run_method(trained.model, to_batch(tiles), method, config, progress=progress,
                      desc=f"{method} {trained.config.family}", inspector=inspector,
-                     gate_threshold=gate_threshold, zero_map_scale=decision.zero_iteration_map_scale)
+                     gate_threshold=gate_threshold, zero_map_scale=decision.zero_iteration_map_scale,
+                     map_scale=decision.map_scale)
     candidates = tile_scores(out.maps["dssim"], out.rec_error, out.lr0, pixel)
     owners_arr = np.asarray(owners)
     results = []

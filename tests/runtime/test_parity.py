@@ -60,7 +60,7 @@ def _compare(inspector: Inspector, trained, frames: np.ndarray, mask=None):
                   mask=None if mask is None else torch.from_numpy(mask[:, None].astype(np.float32)),
                   gate_threshold=gate)
     ref_map = projection_maps(trained.model, x0, ref.projection, ref.iterations.numpy(),
-                              inspector.decision.zero_iteration_map_scale)[0]
+                              inspector.decision.zero_iteration_map_scale, inspector.decision.map_scale)[0]
     got = np.stack([r.projection[:, :, 0] for r in results])
     np.testing.assert_allclose(got, ref.projection[:, 0].numpy(), rtol=0, atol=1e-3)
     np.testing.assert_allclose(np.stack([r.anomaly_map for r in results]), ref_map, rtol=0, atol=1e-3)
