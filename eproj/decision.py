@@ -23,7 +23,9 @@ in model.pt, ``"decision"`` in a bundle's manifest) and how it is applied:
 - ``min_region_area``: pixels (at model resolution) of the largest connected
   region of the mask that normal validation images never reach.
 - ``frame_range``: per statistic of ``FRAME_STATISTICS``, the [low, high] range
-  outside which a frame is unlike any normal validation frame.
+  outside which a frame is unlike any normal validation frame (None: no bound on that
+  side). The map's mean has a low bound only: a high one is what the mask-region and score
+  rules judge, and a tile's map depends on where it stopped.
 
 The verdict (``verdict``): a frame is defective when any of its tiles lies outside
 the frame range (reason "unlike any normal frame"), when its mask has a connected
@@ -40,9 +42,14 @@ import cv2
 import numpy as np
 
 IMAGE_SCORES = ("dssim_max", "dssim_area", "rec_error_max", "lr0")
-FRAME_STATISTICS = ("lr0", "map_mean")
+FRAME_STATISTICS = ("lr0", "map_mean", "x0_std")
 UNLIKE_NORMAL = "unlike any normal frame"
 GATE_REASON = "gate"  # the stop reason of a tile finished by the zero-iteration gate
+
+
+def tile_std(x0: np.ndarray) -> np.ndarray:
+    """(T,) float64 standard deviation of each tile's pixels, (T, C, S, S) -> (T,)."""
+    return np.asarray(x0, np.float64).reshape(len(x0), -1).std(axis=1)
 
 
 def rec_error_map(x0: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
@@ -80,10 +87,10 @@ def largest_region(mask: np.ndarray) -> int:
     return int(stats[1:count, cv2.CC_STAT_AREA].max())
 
 
-def outside(value: float, bounds: list[float] | tuple[float, float]) -> bool:
-    """True when ``value`` is not within [low, high] (a NaN is outside)."""
+def outside(value: float, bounds: list[float | None] | tuple[float | None, float | None]) -> bool:
+    """True when ``value`` is not within [low, high] (a bound None: none on that side; a NaN is outside)."""
     low, high = bounds
-    return not (low <= value <= high)
+    return not ((low is None or low <= value) and (high is None or value <= high) and value == value)
 
 
 @dataclass(frozen=True)
@@ -115,22 +122,25 @@ class Decision:
                    float(values.get("zero_iteration_map_scale", 1.0)), None if gate is None else float(gate),
                    None if scale is None else tuple(float(v) for v in scale))
 
-    def frame_statistics(self, lr0: np.ndarray, dssim: np.ndarray) -> dict[str, float]:
-        """The frame-level statistics of one frame's tiles: the extreme of each over the
-        tiles, taken on the side farther from the normal range (max, or min below it)."""
+    def frame_statistics(self, lr0: np.ndarray, dssim: np.ndarray, x0_std: np.ndarray) -> dict[str, float]:
+        """The frame-level statistics of one frame's T tiles (``FRAME_STATISTICS``: Lr(x0), the
+        map's mean, the standard deviation of the tile's pixels) from lr0 (T,), dssim (T, S, S)
+        and x0_std (T,): the extreme of each over the tiles, on the side farther from the
+        normal range (max, or min below it)."""
         per_tile = {"lr0": np.asarray(lr0, np.float64),
-                    "map_mean": dssim.reshape(len(dssim), -1).mean(axis=1).astype(np.float64)}
+                    "map_mean": dssim.reshape(len(dssim), -1).mean(axis=1).astype(np.float64),
+                    "x0_std": np.asarray(x0_std, np.float64)}
         out = {}
         for name, values in per_tile.items():
-            low, high = (self.frame_range or {}).get(name, (-np.inf, np.inf))
-            out[name] = float(values.min()) if values.min() < low else float(values.max())
+            low = (self.frame_range or {}).get(name, (None, None))[0]
+            out[name] = float(values.min()) if low is not None and values.min() < low else float(values.max())
         return out
 
     def verdict(self, score: float, mask: np.ndarray, statistics: dict[str, float]) -> tuple[bool, str]:
         """(defect, reason) of one frame from its score, (H, W) bool mask at model
         resolution and ``frame_statistics``; reason is "" for the plain verdict."""
         for name, bounds in (self.frame_range or {}).items():
-            if outside(statistics[name], bounds):
+            if name in statistics and outside(statistics[name], bounds):
                 return True, UNLIKE_NORMAL
         if self.min_region_area is not None and largest_region(mask) >= self.min_region_area:
             return True, ""
@@ -147,7 +157,10 @@ def map_factors(iterations: np.ndarray, map_scale: tuple[float, ...] | None, zer
     return scale[np.minimum(iterations, len(scale) - 1)]
 
 
-def frame_range(values: dict[str, np.ndarray], margin: float) -> dict[str, list[float]]:
+def frame_range(values: dict[str, np.ndarray], margin: float,
+                low_only: tuple[str, ...] = ()) -> dict[str, list[float | None]]:
     """[min / margin, max * margin] of each statistic over normal validation tiles
-    (non-negative statistics; the range is a factor ``margin`` wider on each side)."""
-    return {name: [float(np.min(v)) / margin, float(np.max(v)) * margin] for name, v in values.items()}
+    (non-negative statistics; the range is a factor ``margin`` wider on each side);
+    the statistics in ``low_only`` get no high bound (None)."""
+    return {name: [float(np.min(v)) / margin, None if name in low_only else float(np.max(v)) * margin]
+            for name, v in values.items()}

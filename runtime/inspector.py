@@ -321,7 +321,7 @@ class Inspector:
                 anomaly_map = to_frame(out.dssim, layout, self.fit)
                 mask = to_frame(out.mask.astype(np.uint8), layout, self.fit, nearest=True).astype(bool)
                 regions = out.mask[rows]
-            defect, reason = self._verdict(score, regions, out.lr0[rows], out.dssim[rows])
+            defect, reason = self._verdict(score, regions, out.lr0[rows], out.dssim[rows], out.x0_std[rows])
             result = InspectionResult(
                 anomaly_map=anomaly_map, mask=mask, score=score, defect=defect, reason=reason,
                 projection=projection, iterations=int(out.iterations[rows].max()),
@@ -332,11 +332,12 @@ class Inspector:
             results.append(result)
         return results
 
-    def _verdict(self, score: float, regions: np.ndarray, lr0: np.ndarray, dssim: np.ndarray) -> tuple[bool, str]:
+    def _verdict(self, score: float, regions: np.ndarray, lr0: np.ndarray, dssim: np.ndarray,
+                 x0_std: np.ndarray) -> tuple[bool, str]:
         """The calibrated verdict of one frame (``eproj.decision.Decision.verdict``): outside the
         normal frame range, a mask region of the calibrated area, or a score over the threshold.
         ``regions``: the frame's mask at model resolution, (H, W) or one (S, S) per tile."""
-        statistics = self.decision.frame_statistics(lr0, dssim)
+        statistics = self.decision.frame_statistics(lr0, dssim, x0_std)
         masks = regions[None] if regions.ndim == 2 else regions
         verdicts = [self.decision.verdict(score, m, statistics) for m in masks]
         flagged = [v for v in verdicts if v[0]]

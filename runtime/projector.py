@@ -31,7 +31,7 @@ import numpy as np
 
 import eproj.cpp_ext as kernels
 from eproj.config import STOP_REASON_CODES, ProjectionConfig
-from eproj.decision import GATE_REASON, map_factors, rec_error_map
+from eproj.decision import GATE_REASON, map_factors, rec_error_map, tile_std
 from eproj.errors import ConfigError
 from eproj.runtime.backends.base import Backend
 
@@ -61,6 +61,7 @@ class BatchOutput:
     lr0: np.ndarray
     rec_error: np.ndarray
     timings: dict[str, float]
+    x0_std: np.ndarray | None = None  # (T,) standard deviation of each tile's pixels
 
 
 # the per-sample state the loop carries from one iteration to the next (what moves
@@ -257,7 +258,7 @@ class Projector:
             target=b.download(target), dssim=b.download(self.dssim), mask=b.download(self.dssim_mask).astype(bool),
             tile_max=b.download(self.tile_max), iterations=iterations, stop_reason=["none"] * self.n,
             loss=b.download(self.final_loss if self.method == "projection" else self.loss),
-            lr0=lr0, rec_error=rec_error_map(x0, reconstruction), timings={})
+            lr0=lr0, rec_error=rec_error_map(x0, reconstruction), timings={}, x0_std=tile_std(x0))
         if self.method == "projection":
             reasons = b.download(self.reason)
             out.stop_reason = [GATE_REASON if g else STOP_REASON_CODES[int(r)] for g, r in zip(gated, reasons)]
@@ -286,7 +287,8 @@ def concatenate(parts: list[BatchOutput]) -> BatchOutput:
                          ("target", "dssim", "mask", "tile_max", "iterations")),
                        stop_reason=[r for p in parts for r in p.stop_reason],
                        loss=np.concatenate([p.loss for p in parts]), lr0=np.concatenate([p.lr0 for p in parts]),
-                       rec_error=np.concatenate([p.rec_error for p in parts]), timings={})
+                       rec_error=np.concatenate([p.rec_error for p in parts]), timings={},
+                       x0_std=np.concatenate([p.x0_std for p in parts]))
 
 
 class ParallelProjector:

@@ -67,8 +67,9 @@ def test_a_non_finite_score_is_a_defect():
 def test_frame_statistics_take_the_extreme_tile():
     decision = _decision()
     dssim = np.full((3, 4, 4), 0.05, np.float32)
-    assert decision.frame_statistics(np.array([5.0, 0.5, 6.0]), dssim)["lr0"] == 0.5  # under the range
-    assert decision.frame_statistics(np.array([5.0, 7.0, 6.0]), dssim)["lr0"] == 7.0
+    std = np.full(3, 0.1)
+    assert decision.frame_statistics(np.array([5.0, 0.5, 6.0]), dssim, std)["lr0"] == 0.5  # under the range
+    assert decision.frame_statistics(np.array([5.0, 7.0, 6.0]), dssim, std)["lr0"] == 7.0
 
 
 def test_an_uncalibrated_decision_is_the_plain_rule():
@@ -82,6 +83,10 @@ def test_an_uncalibrated_decision_is_the_plain_rule():
 
 def test_frame_range_widens_by_the_margin():
     assert frame_range({"lr0": np.array([2.0, 4.0, 8.0])}, 2.0) == {"lr0": [1.0, 16.0]}
+    assert frame_range({"m": np.array([2.0, 8.0])}, 2.0, low_only=("m",)) == {"m": [1.0, None]}
+    decision = _decision(frame_range={"lr0": [1.0, 10.0], "map_mean": [0.01, None]})
+    assert decision.verdict(0.0, np.zeros((8, 8), bool), {"lr0": 5.0, "map_mean": 5.0}) == (False, "")
+    assert decision.verdict(0.0, np.zeros((8, 8), bool), {"lr0": 5.0, "map_mean": 0.0})[1] == UNLIKE_NORMAL
 
 
 def test_map_factors():

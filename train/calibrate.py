@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eproj.decision import IMAGE_SCORES, frame_range, largest_region, rec_error_map, tile_scores
+from eproj.decision import IMAGE_SCORES, frame_range, largest_region, rec_error_map, tile_scores, tile_std
 from eproj.train.checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, FORMAT_VERSION, load_payload,
                                     model_from_payload, save_atomic)
 from eproj.train.data import DataSource, load_source
@@ -294,8 +294,9 @@ def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray,
         "image_score_validation_auroc": aurocs,
         "min_region_area": int(max(largest_region(m > t_proj) for m in maps[normal]) + 1),
         "frame_range": frame_range({"lr0": lr[normal, 0],
-                                    "map_mean": maps[normal].reshape(normal.sum(), -1).mean(axis=1)},
-                                   RANGE_MARGIN),
+                                    "map_mean": maps[normal].reshape(normal.sum(), -1).mean(axis=1),
+                                    "x0_std": tile_std(images[normal])},
+                                   RANGE_MARGIN, low_only=("map_mean",)),
         "range_margin": RANGE_MARGIN,
         "zero_iteration_map_scale": float(scale[0]),
         "map_scale": [float(v) for v in scale],

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eproj.decision import IMAGE_SCORES, Decision, map_factors, rec_error_map, tile_scores
+from eproj.decision import IMAGE_SCORES, Decision, map_factors, rec_error_map, tile_scores, tile_std
 from eproj.errors import ConfigError, DataError
 from eproj.files import write_atomic
 from eproj.train.checkpoint import TrainedModel, load_model
@@ -242,6 +242,7 @@ def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str
                      gate_threshold=gate_threshold, zero_map_scale=decision.zero_iteration_map_scale,
                      map_scale=decision.map_scale)
     candidates = tile_scores(out.maps["dssim"], out.rec_error, out.lr0, pixel)
+    x0_std = tile_std(to_batch(tiles))
     owners_arr = np.asarray(owners)
     results = []
     for i, s in enumerate(samples):
@@ -251,7 +252,7 @@ def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str
         target = untile(out.target[idx].transpose(0, 2, 3, 1), shape)
         scores = {name: float(values[idx].max()) for name, values in candidates.items()}
         score = scores[decision.image_score]
-        statistics = decision.frame_statistics(out.lr0[idx], out.maps["dssim"][idx])
+        statistics = decision.frame_statistics(out.lr0[idx], out.maps["dssim"][idx], x0_std[idx])
         verdicts = [decision.verdict(score, out.maps["dssim"][j] > pixel, statistics) for j in idx]
         defect, reason = next((v for v in verdicts if v[0]), verdicts[0])
         results.append(SampleResult(s, maps, target, float(out.iterations[idx].mean()), score,
