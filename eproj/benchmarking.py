@@ -33,7 +33,7 @@ def eager_reference(inspector: Inspector, frames: list[np.ndarray], warmup: int,
 
     def once() -> None:
         x0, _, _ = to_batch(frames, inspector.bundle.size, inspector.bundle.channels, inspector.fit,
-                            inspector.channel_order)
+                            inspector.channel_order, scale=inspector.scale, stride=inspector.tile_stride)
         x = torch.from_numpy(x0).to(device)
         result = project(model, x, config)
         with torch.no_grad():
