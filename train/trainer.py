@@ -29,7 +29,7 @@ REGIMES = ("plain", "corrupt", "puzzle")
 # TrainConfig fields a resumed run must share with the run it resumes: they decide which
 # batches are drawn and how each step moves the weights. ``steps`` (to extend a run),
 # ``checkpoint_every`` and ``weights`` (the dtype of model.pt) may change.
-RESUME_FIXED = ("batch", "lr", "seed", "kl_warmup")
+RESUME_FIXED = ("batch", "lr", "seed", "kl_warmup", "fit")
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,9 @@ def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig, pu
         differ = [f"{k} {stored_puzzle.get(k)!r} (now {puzzle[k]!r})" for k in puzzle if stored_puzzle.get(k) != puzzle[k]]
         raise CheckpointError(f"{path} was trained with the puzzle settings {', '.join(differ)}; a resumed run keeps "
                               f"them. Use the same --fgsm-eps and data to resume, or another --out for a new run")
-    changed = [f"--{name.replace('_', '-')} {payload['train'][name]} (now {getattr(train_config, name)})"
+    shown = {None: "default"}  # an option left unset (the data's default fit)
+    changed = [f"--{name.replace('_', '-')} {shown.get(payload['train'][name], payload['train'][name])} "
+               f"(now {shown.get(getattr(train_config, name), getattr(train_config, name))})"
                for name in RESUME_FIXED
                if name in payload["train"] and payload["train"][name] != getattr(train_config, name)]
     if changed:

@@ -125,7 +125,8 @@ def test_every_family_trains_through_the_cli(trained_run, tmp_path, options, exp
 
 
 @pytest.mark.parametrize("option,value,stored", [("--lr", "2e-3", "1e-3"), ("--batch", "2", "4"),
-                                                 ("--seed", "5", "0"), ("--kl-warmup", "10", "2000")])
+                                                 ("--seed", "5", "0"), ("--kl-warmup", "10", "2000"),
+                                                 ("--fit", "tile", "default")])
 def test_resuming_with_other_training_options_is_refused(trained_run, capsys, option, value, stored):
     folder, run = trained_run
     before = (run / "checkpoint.pt").read_bytes()
