@@ -140,7 +140,7 @@ def main() -> None:
             if (out / "report.json").is_file():  # runs for other models may have written meanwhile
                 written = json.loads((out / "report.json").read_text())
                 for key in ("commands", "models"):
-                    payload[key] = {**written.get(key, {}), **payload[key], name: payload[key][name]}
+                    payload[key] = {**written.get(key, {}), name: payload[key][name]}
             write_atomic(out / "report.json", json.dumps(payload, indent=2).encode())
             write_atomic(out / "report.md", markdown(payload).encode())
     print(markdown(payload))
