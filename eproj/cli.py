@@ -167,7 +167,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate_cli(args.run, args.data, args.method, args.json, args.save_maps,
                           max_iters=args.max_iters, alpha=args.alpha, lam=args.lam, step=args.step,
                           weighting=args.weighting, energy_tol=args.energy_tol,
-                          stop_threshold=args.stop_threshold)
+                          stop_threshold=args.stop_threshold, stop_rule=args.stop_rule)
     print(json.dumps(report["metrics"]["dssim"], indent=2))
     return 0
 
@@ -336,7 +336,11 @@ def _projection_options(p: argparse.ArgumentParser, where: str) -> None:
     p.add_argument("--energy-tol", type=_finite_float, default=None,
                    help=f"stop a sample when its relative energy change falls under this [{where}; 0: off]")
     p.add_argument("--stop-threshold", type=_finite_float, default=None,
-                   help=f"stop a sample when Lr falls under this [{where}: the training-set minimum of Lr]")
+                   help=f"stop a sample when Lr falls under this [{where} stop rule's]")
+    p.add_argument("--stop-rule", choices=("validation", "training-min"), default=None,
+                   help="validation: calibrated on validation images, with the zero-iteration gate; training-min: "
+                        f"the paper's (stop under the training-set minimum of Lr, 100 iterations, no gate) "
+                        f"[{where} own, validation where calibrated]")
 
 
 def _subcommand(sub: argparse._SubParsersAction, name: str, help: str,

@@ -287,7 +287,8 @@ def inspector_from_args(args: Any, **extra: Any) -> Inspector:
     overrides.update(extra)
     return Inspector.from_bundle(args.bundle, backend=args.backend, device=args.device, method=args.method,
                                  fit=args.fit, channel_order="bgr", batch_size=getattr(args, "batch_size", 16),
-                                 threads=args.threads, precision=args.precision, **overrides)
+                                 threads=args.threads, precision=args.precision,
+                                 stop_rule=getattr(args, "stop_rule", None), **overrides)
 
 
 def summary(counts: dict[str, int]) -> str:

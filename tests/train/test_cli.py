@@ -157,3 +157,16 @@ def test_eval_without_masks_reports_null_pixel_metrics_with_the_reason(trained_r
     metrics = json.loads(out.read_text())["metrics"]["dssim"]
     assert metrics["iou"] is None and metrics["pixel_auroc"] is None and metrics["image_auroc"] is not None
     assert "no defect pixel" in metrics["null_reasons"]["iou"]
+
+
+def test_eval_takes_the_stop_rule(trained_run, tmp_path):
+    """--stop-rule picks one of the model's calibrated rules; the report says which ran."""
+    _, run = trained_run
+    reports = {}
+    for rule in ("training-min", "validation"):
+        out = tmp_path / f"{rule}.json"
+        assert main(["--threads", "1", "eval", str(run), "--method", "projection", "--json", str(out),
+                     "--stop-rule", rule, "--max-iters", "3"]) == 0
+        reports[rule] = json.loads(out.read_text())
+    assert reports["training-min"]["stop_rule"] == "training-min" and reports["training-min"]["gate_lr"] is None
+    assert reports["validation"]["stop_rule"] == "validation"
