@@ -34,7 +34,8 @@ def test_train_resumes_and_calibrates(trained_run):
     assert load_payload(run / "checkpoint.pt", "eproj-checkpoint")["step"] == 6
     trained = load_model(run)
     cal = trained.calibration
-    assert cal["stop_threshold"] == cal["lr_stats"]["min"] > 0
+    assert cal["stop_rules"]["training-min"]["stop_threshold"] == cal["lr_stats"]["min"] > 0
+    assert cal["stop_threshold"] == cal["stop_rules"][cal["stop_rule"]]["stop_threshold"]
     assert cal["lr_stats"]["q0.5"] >= cal["lr_stats"]["min"]
     for method in ("reconstruction", "projection"):
         assert set(cal["segmentation"][method]) == {"dssim", "l2", "score"}
@@ -61,7 +62,7 @@ def test_eval_writes_metrics_and_maps(trained_run, tmp_path, method):
     assert report["method"] == method
     m = report["metrics"]["dssim"]
     assert 0 <= m["pixel_auroc"] <= 1 and 0 <= m["aupro_0.3"] <= 1 and m["image_auroc"] is not None
-    assert set(report["metrics"]) == {"dssim", "l2"}
+    assert set(report["metrics"]) == {"dssim", "l2", "image_scores"}
     assert report["iterations"]["max"] <= 5
     if method == "reconstruction":
         assert report["iterations"]["max"] == 0
@@ -102,7 +103,7 @@ def test_eval_projection_parameters_override_the_stored_ones(trained_run, tmp_pa
     _, run = trained_run
     out = tmp_path / "p.json"
     assert main(["eval", str(run), "--json", str(out), "--max-iters", "3", "--alpha", "0.01", "--step", "adam",
-                 "--lam", "0.1", "--stop-threshold", "0"]) == 0
+                 "--lam", "0.1", "--stop-threshold", "0", "--stop-rule", "training-min"]) == 0  # no gate
     report = json.loads(out.read_text())
     p = report["projection"]
     assert (p["alpha"], p["step"], p["lam"], p["max_iters"], p["stop_threshold"]) == (0.01, "adam", 0.1, 3, 0.0)
