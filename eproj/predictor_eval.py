@@ -21,7 +21,7 @@ from tqdm import tqdm
 import eproj.cpp_ext as kernels
 from eproj.predictors import PREDICTORS, PredictorConfig, ensemble_map, predictor_maps
 from eproj.train.checkpoint import TrainedModel, load_model
-from eproj.train.data import load_source, tile, to_batch, untile
+from eproj.train.data import load_source, recorded_fit, tile, to_batch, untile
 from eproj.train.ensemble import fit_ensemble, labelled_split
 from eproj.train.evaluate import image_score
 from eproj.train.metrics import aupro, best_f1, fpr_at_tpr, image_auroc, pixel_auroc
@@ -69,7 +69,7 @@ def evaluate_maps(trained: TrainedModel, data: str, config: PredictorConfig = Pr
     """Metrics of every map of ``trained`` on the test set of ``data`` (see the module docstring)."""
     from eproj.export.onnx_graphs import export_bundle
 
-    source = load_source(data, size=trained.config.size)
+    source = load_source(data, size=trained.config.size, fit=recorded_fit(trained.train))
     samples = source.test()
     size = trained.config.size
     tiles, owners = [], []

@@ -45,7 +45,7 @@ import torch
 from eproj.decision import IMAGE_SCORES, frame_range, largest_region, rec_error_map, tile_scores, tile_std
 from eproj.train.checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, FORMAT_VERSION, load_payload,
                                     model_from_payload, save_atomic)
-from eproj.train.data import DataSource, load_source
+from eproj.train.data import DataSource, load_source, recorded_fit
 from eproj.train.defects import add_defect
 from eproj.train.losses import dssim_map, l2_map, reconstruction_loss
 from eproj.train.metrics import aupro, image_auroc, pixel_auroc
@@ -262,7 +262,8 @@ def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConf
     active = rules["validation"]
     return {"lr_stats": stats, "stop_rule": "validation", "stop_threshold": active["stop_threshold"],
             "stop_rules": rules, "stop_rule_selection": table, "quantile": quantile,
-            "validation_images": int(normal.sum()), "validation_defect_images": int((~normal).sum()),
+            "input": source.input_record(), "validation_images": int(normal.sum()),
+            "validation_defect_images": int((~normal).sum()),
             "segmentation": {"reconstruction": recon, "projection": active["segmentation"]},
             "decision": active["decision"], "projection": projection.with_(max_iters=active["max_iters"]).to_dict()}
 
@@ -315,7 +316,8 @@ def write_model(run_dir: str | Path, data: str | None = None, progress: bool = T
     half = train.get("weights") == "float16"
     if half:  # calibrate the weights that will be shipped
         model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
-    source = load_source(data or train["data"], size=model.config.size, seed=int(train.get("seed", 0)))
+    source = load_source(data or train["data"], size=model.config.size, seed=int(train.get("seed", 0)),
+                         fit=recorded_fit(train))
     calibration = calibrate(model, source, progress=progress)
     state = {k: (v.half() if half else v) for k, v in model.state_dict().items()}
     out = run_dir / "model.pt"
@@ -338,7 +340,7 @@ def recalibrate(model_path: str | Path, data: str | None = None, out: str | Path
         from eproj.errors import ConfigError
 
         raise ConfigError(f"{model_path} does not record its training data; pass the data spec")
-    source = load_source(spec, size=model.config.size, seed=int(train.get("seed", 0)))
+    source = load_source(spec, size=model.config.size, seed=int(train.get("seed", 0)), fit=recorded_fit(train))
     payload = dict(payload, calibration=calibrate(model, source, progress=progress))
     target = Path(out) if out else model_path
     save_atomic(payload, target)

@@ -398,6 +398,13 @@ def fit_of(spec: str, fit: str | None = None) -> str:
     return fit
 
 
+def recorded_fit(train: dict) -> str | None:
+    """The fit a checkpoint's ``train`` record says the model was trained with (its
+    ``input`` geometry, else the ``fit`` option); None for a record from before fits
+    were recorded (the data's default applies)."""
+    return (train.get("input") or {}).get("fit") or train.get("fit")
+
+
 def load_source(spec: str, size: int = 128, fit: str | None = None, **kwargs) -> DataSource:
     """Parse a data spec (see the module docstring) into a DataSource at model size ``size``;
     ``fit`` (None: the spec's default, see ``fit_of``) "tile" makes a folder a texture source."""

@@ -31,7 +31,7 @@ from eproj.decision import IMAGE_SCORES, Decision, map_factors, rec_error_map, t
 from eproj.errors import ConfigError, DataError
 from eproj.files import write_atomic
 from eproj.train.checkpoint import TrainedModel, load_model
-from eproj.train.data import TestSample, load_source, tile, to_batch, untile
+from eproj.train.data import TestSample, load_source, recorded_fit, tile, to_batch, untile
 from eproj.train.losses import dssim_map, l2_map, reconstruction_loss
 from eproj.train.metrics import all_metrics, image_auroc
 from eproj.train.models import Autoencoder
@@ -318,7 +318,7 @@ def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = Tru
     With ``inspector`` (an eproj.runtime.Inspector of the same model, fit "none",
     channel order "rgb"), the runtime computes the maps; its configuration rules.
     """
-    source = load_source(data, size=trained.config.size)
+    source = load_source(data, size=trained.config.size, fit=recorded_fit(trained.train))
     if source.channels != trained.config.channels:
         raise DataError(f"{data} has {source.channels}-channel images; the model expects "
                         f"{trained.config.channels}")

@@ -217,12 +217,10 @@ def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainCon
 
 def _check_calibrated_fit(path: Path, source: DataSource) -> None:
     """With a fit other than the data's default, model.pt must have been calibrated on the
-    validation inputs of that fit (tiles, not resized images); otherwise its thresholds
-    belong to another geometry: model.pt is removed and CheckpointError says so."""
-    calibrated = int(load_payload(path, MODEL_FORMAT)["calibration"]["validation_images"])
-    expected = len(source.validation())
-    if calibrated != expected:
+    inputs of that fit (tiles, not resized images, at the same working scale); otherwise its
+    thresholds belong to another geometry: model.pt is removed and CheckpointError says so."""
+    calibrated = load_payload(path, MODEL_FORMAT)["calibration"].get("input")
+    if calibrated != source.input_record():
         path.unlink()
-        raise CheckpointError(f"{path} was calibrated on {calibrated} validation inputs, but {source.spec} with "
-                              f"fit {source.fit} gives {expected}: the calibration loaded the data with another "
-                              f"fit, so its thresholds do not apply; model.pt was removed")
+        raise CheckpointError(f"{path} was calibrated on inputs {calibrated}, but {source.spec} was trained on "
+                              f"{source.input_record()}: its thresholds do not apply; model.pt was removed")

@@ -184,11 +184,12 @@ def test_the_checkpoint_records_the_fit_and_the_bundle_carries_it(tmp_path, caps
     assert _input_geometry({"data": "folder:/x"}) == {"fit": "resize", "scale": None, "scale_recorded": False}
 
 
-def test_a_run_with_fit_tile_never_keeps_a_model_calibrated_on_another_fit(tmp_path):
-    """--fit tile on a folder: model.pt is either calibrated on the folder's validation tiles
-    (4 per 80 x 80 image at working scale 0.8, model size 32) or refused and removed."""
-    from eproj.errors import CheckpointError
+def test_a_run_with_fit_tile_is_calibrated_and_evaluated_on_tiles(tmp_path):
+    """--fit tile on a folder: model.pt is calibrated on the folder's validation tiles
+    (4 per 80 x 80 image at working scale 0.8, model size 32, flipped copies doubling them), and
+    evaluation tiles the test images at the recorded fit instead of resizing them."""
     from eproj.train.checkpoint import load_model
+    from eproj.train.evaluate import evaluate
     from eproj.train.models import ModelConfig
     from eproj.train.trainer import TrainConfig, train
 
@@ -196,12 +197,11 @@ def test_a_run_with_fit_tile_never_keeps_a_model_calibrated_on_another_fit(tmp_p
     root = tmp_path / "fabric"
     for i in range(3):
         write_image(root / "train" / f"{i}.png", texture(rng, 80))
-    run = tmp_path / "run"
-    try:
-        path = train(run, ModelConfig(family="l2ae", size=32, latent=8),
-                     TrainConfig(data=f"folder:{root}", steps=1, batch=2, fit="tile"), progress=False)
-    except CheckpointError as error:
-        assert "was calibrated on 1 validation inputs" in str(error) and "with fit tile gives 4" in str(error)
-        assert not (run / "model.pt").exists()
-    else:
-        assert load_model(path).calibration["validation_images"] == 4
+    write_image(root / "test" / "good" / "0.png", texture(rng, 80))
+    path = train(tmp_path / "run", ModelConfig(family="l2ae", size=32, latent=8),
+                 TrainConfig(data=f"folder:{root}", steps=1, batch=2, fit="tile"), progress=False)
+    trained = load_model(path)
+    assert trained.calibration["validation_images"] == 2 * 4
+    report, results = evaluate(trained, f"folder:{root}", "projection", progress=False, max_iters=2)
+    assert results[0].maps["dssim"].shape == (64, 64)  # the 80 x 80 image at scale 0.8, tiled, not resized to 32
+    assert len(results[0].tile_iterations) == 4
