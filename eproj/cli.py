@@ -137,8 +137,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                                         seed=args.seed, checkpoint_every=args.checkpoint_every,
                                                         weights=args.weights, kl_warmup=args.kl_warmup,
                                                         regime=args.regime, corruption=args.corruption,
-                                                        fgsm_eps=args.fgsm_eps,
-                                                        fit=args.fit))
+                                                        fgsm_eps=args.fgsm_eps, weight_decay=args.weight_decay,
+                                                        adv_weight=args.adv_weight, fit=args.fit))
     out = train(args.out, model_config, train_config, calibrate_after=not args.no_calibrate)
     print(f"wrote {out}")
     return 0
@@ -389,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "resuming")
     p.add_argument("--fgsm-eps", type=_finite_float, default=None,
                    help="puzzle regime: the FGSM magnitude on the puzzled input [0.01; 0 disables it]")
+    p.add_argument("--weight-decay", type=_finite_float, default=None,
+                   help="Adam's weight decay [unet 1e-5 (Puzzle-AE's recipe), the others 0]")
+    p.add_argument("--adv-weight", type=_finite_float, default=None,
+                   help="unet: weight of the DCGAN feature-matching term (Puzzle-AE's lambda, 0.02 when used) "
+                        "[0: off]")
     p.add_argument("--regime", choices=("plain", "corrupt", "puzzle"), default=None,
                    help="plain: reconstruct the input; corrupt: reconstruct it from a partly corrupted copy; puzzle: "
                         "from its 2x2 tile puzzle with one tile corrupted, under FGSM [plain]")

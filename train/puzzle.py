@@ -147,6 +147,20 @@ def fgsm(model: torch.nn.Module, puzzled: torch.Tensor, target: torch.Tensor, ep
     return (puzzled + delta).detach()
 
 
+def puzzle_input(model: torch.nn.Module, clean: np.ndarray, rng: np.random.Generator, kind: str, eps: float,
+                 kl_scale: float = 1.0) -> torch.Tensor:
+    """The input of one puzzle step: the puzzles of ``clean`` (N, C, S, S) float32 in [0, 1]
+    under FGSM (detached, (N, C, S, S)); the step's target is ``clean`` itself."""
+    from eproj.train.losses import training_loss
+
+    puzzled, _, _ = make_puzzles(rng, clean, kind)
+
+    def loss_fn(m, inputs, target):
+        return training_loss(m, inputs, kl_scale, target=target)[0]
+
+    return fgsm(model, torch.from_numpy(puzzled), torch.from_numpy(clean), eps, loss_fn)
+
+
 def puzzle_loss(model: torch.nn.Module, clean: np.ndarray, rng: np.random.Generator, kind: str, eps: float,
                 kl_scale: float = 1.0):
     """The training loss of one puzzle step: (scalar loss, values to log).
@@ -155,14 +169,8 @@ def puzzle_loss(model: torch.nn.Module, clean: np.ndarray, rng: np.random.Genera
     """
     from eproj.train.losses import training_loss
 
-    puzzled, _, _ = make_puzzles(rng, clean, kind)
-    x = torch.from_numpy(clean)
-
-    def loss_fn(m, inputs, target):
-        return training_loss(m, inputs, kl_scale, target=target)[0]
-
-    adversarial = fgsm(model, torch.from_numpy(puzzled), x, eps, loss_fn)
-    return training_loss(model, adversarial, kl_scale, target=x)
+    adversarial = puzzle_input(model, clean, rng, kind, eps, kl_scale)
+    return training_loss(model, adversarial, kl_scale, target=torch.from_numpy(clean))
 
 
 def permutation_errors(model: torch.nn.Module, images: torch.Tensor, kind: str) -> torch.Tensor:

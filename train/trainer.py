@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +20,14 @@ from eproj.train.checkpoint import (CHECKPOINT_FORMAT, FORMAT_VERSION, MODEL_FOR
                                     model_from_payload, save_atomic)
 from eproj.train.corruption import PRESETS, corrupt
 from eproj.train.data import TRAINING_FITS, DataSource, fit_of, load_source
-from eproj.train.losses import training_loss
+from eproj.train.losses import reconstruction_term, training_loss
 from eproj.train.models import ModelConfig, build_model
-from eproj.train.puzzle import permutation_kind, puzzle_loss, puzzle_record
+from eproj.train.adversarial import Adversary, adversarial_record
+from eproj.train.puzzle import permutation_kind, puzzle_input, puzzle_loss, puzzle_record
 
 
 REGIMES = ("plain", "corrupt", "puzzle")
+UNET_WEIGHT_DECAY = 1e-5  # Adam's weight decay for the U-Net (Puzzle-AE's recipe); the autoencoders use none
 # TrainConfig fields a resumed run must share with the run it resumes: they decide which
 # batches are drawn and how each step moves the weights. ``steps`` (to extend a run),
 # ``checkpoint_every`` and ``weights`` (the dtype of model.pt) may change.
@@ -48,6 +50,10 @@ class TrainConfig:
     corruption: str = "patches"  # the corruption preset of the corrupt regime (eproj.train.corruption.PRESETS)
     fit: str | None = None  # "tile" or "resize"; None: the data's default (eproj.train.data.fit_of)
     fgsm_eps: float = 0.01  # the puzzle regime's FGSM magnitude (eproj.train.puzzle); 0 disables it
+    # Adam's weight decay (L2 added to the gradient); None: the family's default, UNET_WEIGHT_DECAY for
+    # the unet family and 0 for the others (``resolved``)
+    weight_decay: float | None = None
+    adv_weight: float = 0.0  # lambda of the U-Net's adversarial term (eproj.train.adversarial); 0 disables it
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -69,8 +75,23 @@ class TrainConfig:
         if isinstance(self.fgsm_eps, bool) or not isinstance(self.fgsm_eps, (int, float)) \
                 or not 0 <= self.fgsm_eps < 1:
             raise ConfigError(f"FGSM eps must be a number in [0, 1), got {self.fgsm_eps!r}")
+        for name in ("weight_decay", "adv_weight"):
+            value = getattr(self, name)
+            if value is None and name == "weight_decay":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {value!r}")
+        if self.adv_weight and self.regime == "corrupt" and self.corruption == "cevae":
+            raise ConfigError("the adversarial term (--adv-weight) trains the U-Net's restorations; the cevae "
+                              "corruption is the ceVAE's. Use --corruption patches, or --adv-weight 0")
         if self.fit is not None and self.fit not in TRAINING_FITS:
             raise ConfigError(f"fit must be one of {TRAINING_FITS} (or None: the data's default), got {self.fit!r}")
+
+    def resolved(self, family: str) -> "TrainConfig":
+        """This config with the family's default weight decay filled in."""
+        if self.weight_decay is not None:
+            return self
+        return replace(self, weight_decay=UNET_WEIGHT_DECAY if family == "unet" else 0.0)
 
     def record(self) -> dict:
         """What a checkpoint stores: the fields, and the corruption's parameters when it is used."""
@@ -81,16 +102,21 @@ class TrainConfig:
 
 
 def _checkpoint(model, optimizer, model_config: ModelConfig, train_config: TrainConfig, step: int,
-                source: DataSource) -> dict:
+                source: DataSource, adversary: Adversary | None = None) -> dict:
     """The checkpoint; its ``train`` record adds the input geometry the data was trained at
     (``input``: the fit chosen and, when tiled, the working scale), which model.pt and the
     bundle carry on for the runtime."""
     train = {**train_config.record(), "input": source.input_record()}
     if train_config.regime == "puzzle":
         train["puzzle"] = puzzle_record(permutation_kind(source.fit), train_config.fgsm_eps)
-    return {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION,
-            "config": model_config.to_dict(), "train": train, "step": step,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    if train_config.adv_weight:
+        train["adversarial"] = adversarial_record(train_config.adv_weight)
+    payload = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION,
+               "config": model_config.to_dict(), "train": train, "step": step,
+               "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    if adversary is not None:
+        payload["adversary"] = adversary.state()
+    return payload
 
 
 def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig, puzzle: dict | None = None):
@@ -123,11 +149,43 @@ def _resume(path: Path, model_config: ModelConfig, train_config: TrainConfig, pu
         raise CheckpointError(f"{path} was trained with {', '.join(changed)}; a resumed run keeps these. "
                               f"Use the same options to resume (only --steps, --checkpoint-every and --weights "
                               f"may change), or another --out for a new run")
+    stored_adv = float(payload["train"].get("adv_weight", 0.0))
+    if stored_adv != train_config.adv_weight:
+        raise CheckpointError(f"{path} was trained with --adv-weight {stored_adv:g} (now {train_config.adv_weight:g}); "
+                              f"a resumed run keeps it. Use another --out for a new run")
+    adversary = None
+    if train_config.adv_weight:
+        if not isinstance(payload.get("adversary"), dict):
+            raise CheckpointError(f"{path} records --adv-weight {stored_adv:g} but holds no discriminator state")
+        adversary = Adversary.from_state(payload["adversary"], model_config.channels, model_config.size)
     model = model_from_payload(payload, path)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
     optimizer.load_state_dict(payload["optimizer"])
-    return model, optimizer, int(payload["step"])
+    train_config = _resumed_weight_decay(path, payload, optimizer, train_config)
+    return model, optimizer, int(payload["step"]), adversary, train_config
+
+
+def _resumed_weight_decay(path: Path, payload: dict, optimizer, train_config: TrainConfig) -> TrainConfig:
+    """The weight decay a resumed run goes on with: the one it recorded (a different --weight-decay is
+    refused); a checkpoint from before eproj recorded it trained with its optimizer state's (Adam's
+    default 0), kept and said on stderr. Returns the config with it filled in."""
+    used = float(optimizer.param_groups[0].get("weight_decay", 0.0))
+    stored = payload["train"].get("weight_decay")
+    if stored is None:
+        if train_config.weight_decay is not None and train_config.weight_decay != used:
+            raise CheckpointError(f"{path} was trained with Adam weight decay {used:g} (its optimizer state; the "
+                                  f"checkpoint predates recording it); this command asks for "
+                                  f"{train_config.weight_decay:g}. Resume without --weight-decay, or use another --out")
+        print(f"{path}: the checkpoint does not record its weight decay; it trained with {used:g} (its optimizer "
+              f"state), and the resumed run keeps {used:g}", file=sys.stderr)
+        return replace(train_config, weight_decay=used)
+    if train_config.weight_decay is not None and float(stored) != train_config.weight_decay:
+        raise CheckpointError(f"{path} was trained with --weight-decay {float(stored):g} (now "
+                              f"{train_config.weight_decay:g}); a resumed run keeps it. Use another --out for a new run")
+    for group in optimizer.param_groups:
+        group["weight_decay"] = float(stored)
+    return replace(train_config, weight_decay=float(stored))
 
 
 def _step_loss(model, x: torch.Tensor, clean: np.ndarray, rng: np.random.Generator, config: TrainConfig,
@@ -153,6 +211,22 @@ def _step_loss(model, x: torch.Tensor, clean: np.ndarray, rng: np.random.Generat
     return training_loss(model, corrupted, kl_scale, target=x)
 
 
+def _adversarial_step_loss(model, adversary: Adversary, x: torch.Tensor, clean: np.ndarray,
+                           rng: np.random.Generator, config: TrainConfig, puzzle_kind: str):
+    """The U-Net's loss with the adversarial term, L_rec + lambda * L_adv (``eproj.train.adversarial``),
+    on the regime's input (the same draws as ``_step_loss``); also the restoration, for D's step."""
+    if config.regime == "puzzle":
+        inputs = puzzle_input(model, clean, rng, puzzle_kind, config.fgsm_eps)
+    elif config.regime == "corrupt":
+        inputs = torch.from_numpy(corrupt(rng, clean, PRESETS[config.corruption])[0])
+    else:
+        inputs = x
+    restored = model(inputs)
+    rec = reconstruction_term(model, x, restored).mean()
+    adv = adversary.generator_term(x, restored)
+    return rec + config.adv_weight * adv, {"rec": float(rec.detach()), "adv": float(adv.detach())}, restored
+
+
 def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainConfig,
           calibrate_after: bool = True, progress: bool = True) -> Path:
     """Train (or resume) the run in ``run_dir`` up to ``train_config.steps`` steps.
@@ -174,14 +248,22 @@ def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainCon
                           f"the model was asked for {model_config.channels} channel(s)")
     puzzle_kind = permutation_kind(source.fit)
     puzzle = puzzle_record(puzzle_kind, train_config.fgsm_eps) if train_config.regime == "puzzle" else None
+    if train_config.adv_weight and model_config.family != "unet":
+        raise ConfigError(f"the adversarial term (--adv-weight) is the U-Net's (--model unet); got --model "
+                          f"{model_config.family}")
     if ckpt_path.exists():
-        model, optimizer, step = _resume(ckpt_path, model_config, train_config, puzzle)
+        model, optimizer, step, adversary, train_config = _resume(ckpt_path, model_config, train_config, puzzle)
     else:
+        train_config = train_config.resolved(model_config.family)
         torch.manual_seed(train_config.seed)
         model = build_model(model_config)
         model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+        adversary = Adversary(model_config.channels, model_config.size) if train_config.adv_weight else None
         step = 0
+    if progress:
+        print(f"Adam: lr {train_config.lr:g}, weight decay {train_config.weight_decay:g}"
+              + (f"; adversarial term weight {train_config.adv_weight:g}" if adversary else ""), file=sys.stderr)
     bar = tqdm(total=train_config.steps, initial=step, desc=f"train {model_config.family}",
                unit="step", disable=not progress, dynamic_ncols=True)
     last_save = time.monotonic()
@@ -192,19 +274,25 @@ def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainCon
             clean = source.train_batch(rng, train_config.batch)
             x = torch.from_numpy(clean)
             kl_scale = min(1.0, (step + 1) / train_config.kl_warmup) if train_config.kl_warmup else 1.0
-            loss, logs = _step_loss(model, x, clean, rng, train_config, kl_scale, puzzle_kind)
+            if adversary is None:
+                loss, logs = _step_loss(model, x, clean, rng, train_config, kl_scale, puzzle_kind)
+            else:
+                loss, logs, restored = _adversarial_step_loss(model, adversary, x, clean, rng, train_config,
+                                                              puzzle_kind)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if adversary is not None:
+                logs["d"] = adversary.step(x, restored.detach())
             step += 1
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
             if step % train_config.checkpoint_every == 0 or time.monotonic() - last_save > 600:
-                save_atomic(_checkpoint(model, optimizer, model_config, train_config, step, source), ckpt_path)
+                save_atomic(_checkpoint(model, optimizer, model_config, train_config, step, source, adversary), ckpt_path)
                 last_save = time.monotonic()
     finally:
         bar.close()
-        save_atomic(_checkpoint(model, optimizer, model_config, train_config, step, source), ckpt_path)
+        save_atomic(_checkpoint(model, optimizer, model_config, train_config, step, source, adversary), ckpt_path)
     if not calibrate_after:
         return ckpt_path
     from eproj.train.calibrate import write_model
