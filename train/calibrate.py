@@ -25,7 +25,10 @@ Everything here is chosen on held-out validation data, never on test images:
   frame-level statistics of normal images. The projection's thresholds and decision
   depend on the stop rule (its maps do): each rule carries its own (``stop_rules[name]
   ["segmentation"]``, ``["decision"]``); the top-level ones are the rule in force's;
-- the default projection parameters.
+- the default projection parameters;
+- for the unet family, ``permutation``: the permutation scores' normalisers (the mean of each
+  permutation's score on the normal validation images, Puzzle-AE's Eq. 6) and thresholds
+  (``eproj.train.puzzle.permutation_calibration``).
 
 Validation images are the source's (flipped copies added for textures, which look
 alike mirrored); synthetic defects are the project's defect generator
@@ -260,12 +263,17 @@ def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConf
         rule.update(rule_calibration(rule, lr, iterates, images, normal, recon, recon_dssim, rec_error, levels,
                                      quantile))
     active = rules["validation"]
-    return {"lr_stats": stats, "stop_rule": "validation", "stop_threshold": active["stop_threshold"],
+    calibration = {"lr_stats": stats, "stop_rule": "validation", "stop_threshold": active["stop_threshold"],
             "stop_rules": rules, "stop_rule_selection": table, "quantile": quantile,
             "input": source.input_record(), "validation_images": int(normal.sum()),
             "validation_defect_images": int((~normal).sum()),
             "segmentation": {"reconstruction": recon, "projection": active["segmentation"]},
             "decision": active["decision"], "projection": projection.with_(max_iters=active["max_iters"]).to_dict()}
+    if model.config.family == "unet":  # Puzzle-AE's permutation scores: normalisers and thresholds
+        from eproj.train.puzzle import permutation_calibration
+
+        calibration["permutation"] = permutation_calibration(model, normal_images, source.fit, quantile)
+    return calibration
 
 
 def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray, images: np.ndarray,

@@ -239,3 +239,30 @@ def permutation_maps(model: torch.nn.Module, images: torch.Tensor, kind: str,
     scores = permutation_scores(errors, normaliser.to(errors.dtype)).mean(dim=0)
     maps = (errors * weights).mean(dim=0).mean(dim=1)
     return scores, maps
+
+
+def permutation_calibration(model: torch.nn.Module, normal: np.ndarray, fit: str, quantile: float,
+                            batch: int = 16) -> dict[str, Any]:
+    """What ``model.pt`` (and the bundle) carry for the permutation scores of the unet family.
+
+    Args:
+        normal: (M, C, S, S) float32 in [0, 1], normal validation images (never test images).
+        fit: the training fit, which picks the permutation set (``permutation_kind``).
+        quantile: of the normal images' scores and map pixels, for the thresholds.
+    Returns:
+        ``kind``, ``orders`` (K lists of 4 ints, ``permute_tiles``' convention), ``normaliser`` (K means
+        of S_i on ``normal``, Eq. 6), ``score_threshold`` and ``map_threshold`` (the ``quantile`` of the
+        puzzle scores and of the permutation maps' pixels on ``normal``), ``validation_images``.
+    """
+    kind = permutation_kind(fit)
+    normaliser = permutation_normaliser(model, normal, kind, batch)
+    scores, maps = [], []
+    for start in range(0, len(normal), batch):
+        s, m = permutation_maps(model, torch.from_numpy(np.ascontiguousarray(normal[start:start + batch])), kind,
+                                normaliser)
+        scores.append(s.numpy())
+        maps.append(m.numpy())
+    return {"kind": kind, "orders": permutation_set(kind).tolist(), "normaliser": normaliser.tolist(),
+            "score_threshold": float(np.quantile(np.concatenate(scores), quantile)),
+            "map_threshold": float(np.quantile(np.concatenate(maps), quantile)),
+            "quantile": float(quantile), "validation_images": int(len(normal))}

@@ -144,3 +144,28 @@ def test_permutation_maps_sum_to_the_normalised_mean_score():
     torch.testing.assert_close(maps.flatten(1).sum(dim=1), scores)
     with pytest.raises(ValueError, match="at least one"):
         permutation_normaliser(model, validation[:0], "swaps")
+
+
+def test_calibration_carries_the_permutation_normalisers_of_validation_images(tmp_path):
+    from eproj.train.checkpoint import load_model
+    from eproj.train.puzzle import permutation_calibration, permutation_maps, permutation_normaliser
+    from eproj.train.trainer import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(family="unet", size=32, width=4)).eval()
+    normal = np.random.default_rng(3).random((7, 1, 32, 32)).astype(np.float32)
+    entry = permutation_calibration(model, normal, "tile", 0.9, batch=3)
+    assert entry["kind"] == "swaps" and entry["orders"] == permutation_set("swaps").tolist()
+    want = permutation_normaliser(model, normal, "swaps")
+    np.testing.assert_allclose(entry["normaliser"], want.numpy(), rtol=1e-6)  # batches of 3 against 16
+    scores, maps = permutation_maps(model, torch.from_numpy(normal), "swaps", want)
+    assert entry["score_threshold"] == pytest.approx(float(np.quantile(scores.numpy(), 0.9)), rel=1e-5)
+    assert entry["map_threshold"] == pytest.approx(float(np.quantile(maps.numpy(), 0.9)), rel=1e-5)
+    assert entry["validation_images"] == 7
+    folder = make_mvtec(tmp_path / "mvtec" / "nut", size=32, n_train=4)
+    run = tmp_path / "run"
+    train(run, ModelConfig(family="unet", size=32, width=4),
+          TrainConfig(data=f"mvtec:{folder}", steps=1, batch=2, lr=1e-3, regime="puzzle"), progress=False)
+    calibration = load_model(run / "model.pt").calibration
+    assert calibration["permutation"]["kind"] == "all" and len(calibration["permutation"]["normaliser"]) == 23
+    assert all(v > 0 for v in calibration["permutation"]["normaliser"])
