@@ -12,6 +12,14 @@ step graph and the fused kernels), which is what the demo uses.
 Both give two anomaly maps: DSSIM(x0, target) (the method's map) and the
 squared residual. Test images larger than the model input (textures) are cut
 into tiles of the model size and the maps stitched back.
+
+The unet family adds Puzzle-AE's permutation scores (``eproj.train.puzzle``), whatever
+the method: the ``permutation`` map (the mean over the K permutations of the
+normalised squared error) and the ``puzzle`` image score (Eq. 7, normalised by the
+calibration's per-permutation means on normal validation images; an image's score is
+the largest of its tiles'), with the paper's image-level protocol (image AUROC, FPR
+at TPR 0.99 and 0.995) in ``puzzle_protocol``, beside the plain score (identity
+input: the sum of the squared residual).
 """
 
 from __future__ import annotations
@@ -39,12 +47,55 @@ from eproj.train.projection import ProjectionConfig, project
 
 METHODS = ("reconstruction", "projection")
 MAP_KINDS = ("dssim", "l2")
+PERMUTATION_MAP = "permutation"  # the unet family's extra map kind
+PROTOCOL_TPRS = (0.99, 0.995)  # Puzzle-AE's image-level protocol: FPR at these TPRs
 
 
 def image_score(maps: np.ndarray) -> np.ndarray:
     """The plain image score: the maximum of each anomaly map, (N, H, W) or (H, W) -> (N,) or ().
     The projection's calibrated score is ``eproj.decision`` (``SampleResult.score``)."""
     return np.asarray(maps).max(axis=(-2, -1))
+
+
+def fpr_at_image_tpr(scores: np.ndarray, labels: np.ndarray, tpr: float) -> float | None:
+    """The false-positive rate of the highest image-score threshold that flags at least ``tpr`` of the
+    defective images (labels 1); None without both classes. scores, labels: (N,)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    if labels.all() or not labels.any():
+        return None
+    positives = np.sort(scores[labels])[::-1]
+    threshold = positives[int(np.ceil(tpr * len(positives))) - 1]
+    return float((scores[~labels] >= threshold).mean())
+
+
+def permutation_calibration_of(trained: TrainedModel) -> dict[str, Any] | None:
+    """The model's permutation calibration (``eproj.train.puzzle.permutation_calibration``); None for
+    the other families; a unet model calibrated before it is refused, with the command that adds it."""
+    if trained.config.family != "unet":
+        return None
+    entry = trained.calibration.get("permutation")
+    if not isinstance(entry, dict) or "normaliser" not in entry:
+        raise ConfigError(f"{trained.path} has no permutation normalisers in its calibration (calibrated before "
+                          f"eproj computed them); recalibrate it: eproj calibrate RUN (the run folder), or "
+                          f"eproj.train.calibrate.recalibrate('{trained.path}')")
+    return entry
+
+
+def permutation_outputs(trained: TrainedModel, tiles: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The puzzle scores (T,) and permutation maps (T, S, S) of (T, C, S, S) tiles, float32,
+    with the model's calibrated normalisers (``permutation_calibration_of``)."""
+    from eproj.train.puzzle import permutation_maps
+
+    entry = permutation_calibration_of(trained)
+    assert entry is not None
+    normaliser = torch.tensor(entry["normaliser"], dtype=torch.float64)
+    scores, maps = [], []
+    for start in range(0, len(tiles), batch):
+        s, m = permutation_maps(trained.model, torch.from_numpy(np.ascontiguousarray(tiles[start:start + batch])),
+                                entry["kind"], normaliser)
+        scores.append(s.float().numpy())
+        maps.append(m.float().numpy())
+    return np.concatenate(scores), np.concatenate(maps)
 
 
 def rule_settings(trained: TrainedModel, rule: str | None = None) -> dict[str, Any]:
@@ -242,6 +293,9 @@ def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str
                      gate_threshold=gate_threshold, zero_map_scale=decision.zero_iteration_map_scale,
                      map_scale=decision.map_scale)
     candidates = tile_scores(out.maps["dssim"], out.rec_error, out.lr0, pixel)
+    if trained.config.family == "unet":
+        candidates["puzzle"], out.maps[PERMUTATION_MAP] = permutation_outputs(trained, to_batch(tiles))
+        candidates["plain"] = out.rec_error.reshape(len(tiles), -1).sum(axis=1) * channels
     x0_std = tile_std(to_batch(tiles))
     owners_arr = np.asarray(owners)
     results = []
@@ -273,6 +327,17 @@ def summarise(trained: TrainedModel, results: list[SampleResult], method: str,
         metrics[kind] = all_metrics(maps, masks, scores, labels, threshold_of(trained, method, kind, rule))
     metrics["image_scores"] = {name: image_auroc(np.array([r.scores[name] for r in results]), labels)
                                for name in IMAGE_SCORES}
+    permutation = permutation_calibration_of(trained)
+    if permutation is not None:
+        puzzle = np.array([r.scores["puzzle"] for r in results])
+        metrics[PERMUTATION_MAP] = all_metrics([r.maps[PERMUTATION_MAP] for r in results], masks, puzzle, labels,
+                                               permutation["map_threshold"])
+        metrics["puzzle_protocol"] = {
+            score: {"image_auroc": image_auroc(values, labels),
+                    **{f"fpr_at_tpr_{t:g}": fpr_at_image_tpr(values, labels, t) for t in PROTOCOL_TPRS}}
+            for score, values in (("puzzle", puzzle), ("plain", np.array([r.scores["plain"] for r in results])))}
+        metrics["puzzle_protocol"]["note"] = (f"image score of a tiled image: its largest tile score; "
+                                              f"{permutation['kind']} permutations (K = {len(permutation['orders'])})")
     its = np.array([r.iterations for r in results])
     normal_its = [t for r in results if r.sample.label == 0 for t in r.tile_iterations]
     defective_its = [t for r in results if r.sample.label == 1 for t in r.tile_iterations]
