@@ -2,7 +2,8 @@
 
 - ``textures:NAME`` (NAME in ``brick``, ``grass``: the 512x512 textures
   scikit-image ships) or ``textures:PATH`` (any texture image): disjoint train,
-  validation and test strips (top half, next quarter, bottom quarter); test crops get seeded synthetic defects with exact
+  validation and test regions (top half; bottom-left and bottom-right quarters,
+  see ``TextureSource``); test crops get seeded synthetic defects with exact
   masks (``eproj.train.defects``).
 - ``mvtec:PATH/CATEGORY``: the MVTec AD layout (``train/good``,
   ``test/<defect>``, ``ground_truth/<defect>/<stem>_mask.png``).
@@ -167,29 +168,34 @@ class DataSource:
 
 
 class TextureSource(DataSource):
-    """A texture image split into disjoint horizontal strips.
+    """A texture image split into disjoint regions: the top half for training, the
+    bottom half's left half for validation and its right half for testing.
 
-    The texture (subsampled to 512 on its shorter side) is cut into the top half
-    for training, the next quarter for validation and the bottom quarter for
-    testing, so that validation and test crops come from alike, adjacent strips.
-    Training crops are flipped at random (textures look alike mirrored); test
-    crops get seeded synthetic defects.
+    Validation and test regions sit side by side at the same height so that they see
+    the texture alike: a photographed texture changes with the row (the embedded brick
+    wall is seen in perspective; its brick columns are about 33 pixels apart in the top
+    half and 40 in the bottom quarter, 38 in both bottom-half quadrants), and thresholds
+    calibrated on a strip above the test strip would judge the test crops at another
+    scale. The texture is subsampled to 512 on its shorter side first. Training crops are
+    flipped at random (textures look alike mirrored; validation adds mirrored copies, so
+    the left and right quadrants' leaning columns are both seen); test crops get seeded
+    synthetic defects.
     """
 
     kind = "texture"
 
     def __init__(self, spec: str, texture: np.ndarray, foreign: list[np.ndarray], size: int,
-                 n_test: int = 48, n_validation: int = 12, defect_rate: float = 0.75, seed: int = 0,
+                 n_test: int = 48, n_validation: int = 24, defect_rate: float = 0.75, seed: int = 0,
                  scale: float = 1.0):
         self.spec, self.size, self.channels, self.scale = spec, size, texture.shape[2], scale
         h, w = texture.shape[:2]
-        train_end, validation_end = h // 2, (3 * h) // 4
-        if min(h - validation_end, w) < size:
-            raise DataError(f"texture {spec} is {w}x{h}; its validation and test strips "
-                            f"({w}x{h - validation_end}) must be at least the model size {size}")
-        self.train_region = texture[:train_end]
-        self.validation_region = texture[train_end:validation_end]
-        self.test_region = texture[validation_end:]
+        half_h, half_w = h // 2, w // 2
+        if min(h - half_h, half_w) < size:
+            raise DataError(f"texture {spec} is {w}x{h}; its validation and test regions (the bottom half's "
+                            f"left and right halves, {half_w}x{h - half_h}) must be at least the model size {size}")
+        self.train_region = texture[:half_h]
+        self.validation_region = texture[half_h:, :half_w]
+        self.test_region = texture[half_h:, half_w:]
         self.foreign = foreign
         self.n_test, self.n_validation = n_test, n_validation
         self.defect_rate, self.seed = defect_rate, seed

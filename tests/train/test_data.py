@@ -52,13 +52,18 @@ def test_folder_with_optional_masks(tmp_path):
 def test_texture_regions_are_disjoint_and_test_set_is_seeded():
     source = load_source("textures:brick", size=128)
     train, val, test = source.train_region, source.validation_region, source.test_region
-    assert train.shape[:2] == (256, 512) and val.shape[:2] == (128, 512) and test.shape[:2] == (128, 512)
+    assert train.shape[:2] == (256, 512) and val.shape[:2] == (256, 256) and test.shape[:2] == (256, 256)
     assert train.size + val.size + test.size == 512 * 512
+    from eproj.train.data import _embedded_texture
+
+    whole = _embedded_texture("brick")  # validation and test: the bottom half's left and right halves
+    assert np.array_equal(train, whole[:256]) and np.array_equal(val, whole[256:, :256])
+    assert np.array_equal(test, whole[256:, 256:])
     a, b = source.test(), load_source("textures:brick", size=128).test()
     assert [s.name for s in a] == [s.name for s in b]
     assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
     assert {s.defect for s in a} >= {"good", "scratch", "stain", "hole", "patch"}
-    assert source.validation().shape == (12, 1, 128, 128)
+    assert source.validation().shape == (24, 1, 128, 128)
     batch = source.train_batch(np.random.default_rng(0), 64)
     assert batch.shape == (64, 1, 128, 128) and batch.flags.c_contiguous
     # every training crop, flipped or not, is a crop of the training strip
