@@ -8,6 +8,15 @@ from eproj.errors import CheckpointError, ConfigError
 from eproj.train import perceptual as P
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread (two OpenMP threads spin against each other on the shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _has_efficientnet_package() -> bool:
     try:
         P.efficientnet_weights_path()
