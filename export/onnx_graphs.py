@@ -248,6 +248,8 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         "lr_stats": cal["lr_stats"],
         "segmentation": cal["segmentation"],
         **({"decision": cal["decision"]} if "decision" in cal else {}),  # the verdict (eproj.decision)
+        # unet: the permutation scores' orders, normalisers and thresholds (eproj.runtime.permutation)
+        **({"permutation": cal["permutation"]} if "permutation" in cal else {}),
         "projection": cal["projection"],
         "opset": opset,
         "graphs": graphs,
