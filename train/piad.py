@@ -473,9 +473,10 @@ def training_step(state: PIADState, feature_network: nn.Module, batches: list[to
     x01 = batches[-1]
     x = to_model_range(x01)
     z = torch.randn(x.shape[0], latent)
+    code = E(x)
     adv_G = -D_X(G(z)).mean()  # Eq. 6 without its first term, constant in G
-    adv_E = -D_Z(E(x)).mean()
-    rec = relative_perceptual_l1(feature_network, state.stats, x01, from_model_range(G(E(x)))).mean()  # Eq. 7
+    adv_E = -D_Z(code).mean()  # the same for E and D_Z
+    rec = relative_perceptual_l1(feature_network, state.stats, x01, from_model_range(G(code))).mean()  # Eq. 7
     if step % train.n_weight == 0:
         for key, loss, network in (("adv_G", adv_G, G), ("adv_E", adv_E, E), ("rec", rec, None)):
             state.opt_generator.zero_grad(set_to_none=True)
@@ -519,6 +520,10 @@ def _draw(source: BatchSource, rng: np.random.Generator, n: int, config: PIADCon
     if not isinstance(batch, np.ndarray) or batch.shape != want or batch.dtype != np.float32:
         raise DataError(f"the training data must give batches {want} float32 in [0, 1], got "
                         f"{getattr(batch, 'shape', type(batch).__name__)} {getattr(batch, 'dtype', '')}")
+    if not np.isfinite(batch).all() or batch.min() < 0 or batch.max() > 1:
+        raise DataError(f"the training data must be finite and in [0, 1], got a batch in "
+                        f"[{np.nanmin(batch)}, {np.nanmax(batch)}] with {int((~np.isfinite(batch)).sum())} "
+                        f"non-finite values")
     return torch.from_numpy(np.ascontiguousarray(batch))
 
 
@@ -594,10 +599,10 @@ def train_piad(run_dir: str | Path, config: PIADConfig, train: PIADTrainConfig, 
     in_step = False  # an interrupted step leaves the state half-updated: it is not saved
     try:
         while step < train.steps:
-            in_step = True
             rng = np.random.default_rng([train.seed, step])
             torch.manual_seed(train.seed * 1_000_003 + step)
             batches = [_draw(source, rng, train.batch, config) for _ in range(train.n_dis + 1)]
+            in_step = True
             logs = training_step(state, feature_network, batches, step, train)
             if not all(math.isfinite(v) for v in logs.values()):
                 raise CheckpointError(f"PIAD training diverged at step {step + 1}: {logs}; {ckpt_path} keeps "

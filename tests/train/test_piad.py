@@ -329,3 +329,63 @@ def test_resume_refuses_other_settings_and_bad_data(tmp_path):
     with pytest.raises(DataError, match=r"batches \(3, 3, 16, 16\) float32.*\(3, 1, 16, 16\)"):
         P.train_piad(tmp_path / "new", config, train, _Textures(channels=1), _features(), features,
                      progress=False)
+
+
+class _Interrupting(_Textures):
+    """Raises KeyboardInterrupt on its ``at``-th batch."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.calls, self.at = 0, at
+
+    def train_batch(self, rng, batch):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return super().train_batch(rng, batch)
+
+
+def test_an_interrupt_between_steps_saves_the_last_finished_step(tmp_path):
+    config, train = _tiny(5, checkpoint_every=100)
+    features = {"network": "efficientnet-lite0", "tap": "stage3", "weights": "random (test)"}
+    # 2 batches for the 5 statistics images, 3 per step: the 6th draw is the 2nd step's first
+    with pytest.raises(KeyboardInterrupt):
+        P.train_piad(tmp_path, config, train, _Interrupting(at=6), _features(), features, progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_a_diverged_step_is_not_saved(tmp_path, monkeypatch):
+    config, train = _tiny(3)
+    features = {"network": "efficientnet-lite0", "tap": "stage3", "weights": "random (test)"}
+    real_step = P.training_step
+    calls = []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        logs = real_step(*args, **kwargs)
+        return {**logs, "rec": float("nan")} if len(calls) == 2 else logs
+    monkeypatch.setattr(P, "training_step", diverging)
+    with pytest.raises(CheckpointError, match="diverged at step 2"):
+        P.train_piad(tmp_path, config, train, _Textures(), _features(), features, progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_training_data_out_of_range_is_refused(tmp_path):
+    class Bright(_Textures):
+        def train_batch(self, rng, batch):
+            return super().train_batch(rng, batch) * 2
+
+    config, train = _tiny(1)
+    with pytest.raises(DataError, match=r"finite and in \[0, 1\], got a batch in \[0\.\d+, 1\.\d+\]"):
+        P.train_piad(tmp_path, config, train, Bright(), _features(), {"network": "x"}, progress=False)
+
+
+def test_anomaly_score_is_eq1():
+    torch.manual_seed(0)
+    model = P.PIAD(P.PIADConfig(size=16, width=4, latent=4))
+    net = _features()
+    stats = FeatureStats(torch.zeros(40), torch.full((40,), 2.0), "identity")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(P.anomaly_score(model, net, stats, x),
+                                   relative_perceptual_l1(net, stats, x, model.reconstruct(x)))
