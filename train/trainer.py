@@ -258,7 +258,8 @@ def train(run_dir: str | Path, model_config: ModelConfig, train_config: TrainCon
         torch.manual_seed(train_config.seed)
         model = build_model(model_config)
         model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+        optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr,
+                                     weight_decay=float(train_config.weight_decay or 0.0))  # resolved: not None
         adversary = Adversary(model_config.channels, model_config.size) if train_config.adv_weight else None
         step = 0
     if progress:
