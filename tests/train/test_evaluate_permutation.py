@@ -73,3 +73,24 @@ def test_a_unet_model_without_permutation_normalisers_is_refused():
     sample = TestSample("s", np.zeros((32, 32, 1), np.float32), None, 0, "good")
     with pytest.raises(ConfigError, match="no permutation normalisers.*recalibrate"):
         run_on_samples(trained, [sample], "reconstruction", None, progress=False)
+
+
+def test_eproj_eval_of_a_unet_run_reports_the_permutation_map_and_puzzle_protocol(tmp_path, capsys):
+    import json
+
+    from conftest import make_mvtec
+    from eproj.cli import main
+
+    folder = make_mvtec(tmp_path / "mvtec" / "nut", size=32, n_train=4)
+    run = tmp_path / "run"
+    assert main(["--threads", "1", "train", "--data", f"mvtec:{folder}", "--model", "unet", "--size", "32",
+                 "--width", "4", "--steps", "2", "--batch", "2", "--lr", "1e-3", "--regime", "puzzle",
+                 "--adv-weight", "0.02", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["--threads", "1", "eval", str(run), "--method", "reconstruction",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert set(shown) == {"dssim", "permutation", "puzzle_protocol"}
+    written = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert written["puzzle_protocol"]["puzzle"] == shown["puzzle_protocol"]["puzzle"]
+    assert "23 permutations" not in written["puzzle_protocol"]["note"] and "K = 23" in written["puzzle_protocol"]["note"]
