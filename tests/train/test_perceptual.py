@@ -115,6 +115,25 @@ def test_vgg19_loads_a_torchvision_state_dict_with_the_right_names(tmp_path):
     assert len(net.features) == 23 and isinstance(net.features[22], torch.nn.ReLU)
 
 
+
+def test_vgg19_forward_is_torchvisions_layer_order(tmp_path):
+    """conv-ReLU pairs and 2x2 max-pools in torchvision's order, written out with the file's tensors."""
+    torch.manual_seed(0)
+    needed, _ = P.vgg19_expected_shapes()
+    state = {name: torch.randn(shape) * (0.3 if name.endswith("weight") else 0.1) for name, shape in needed.items()}
+    torch.save(state, tmp_path / P.VGG19_FILE_NAME)
+    net = P.vgg19_from_file(tmp_path / P.VGG19_FILE_NAME)
+    x = torch.rand(1, 3, 24, 24)
+    h = (x - torch.tensor(P.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(P.IMAGENET_STD).view(1, 3, 1, 1)
+    for i in (0, 2, "M", 5, 7, "M", 10, 12, 14, 16, "M", 19, 21):
+        if i == "M":
+            h = torch.nn.functional.max_pool2d(h, 2)
+        else:
+            h = torch.relu(torch.nn.functional.conv2d(h, state[f"features.{i}.weight"], state[f"features.{i}.bias"],
+                                                      padding=1))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), h)
+
 @pytest.mark.parametrize("damage, message", [
     (lambda s: s.pop("features.19.weight"), r"missing 1 tensor.*features\.19\.weight"),
     (lambda s: s.__setitem__("features.21.weight", torch.zeros(512, 256, 3, 3)),
