@@ -20,6 +20,12 @@ What ``load_manifest`` guarantees before anything reads a bundle file:
   file, and has the size and SHA-256 listed there (the engines' own records carry
   their hashes, which ``eproj.engines.verify_engine`` checks when an engine is loaded).
 
+What is hashed is what runs: a reader never reopens a bundle file by path after the
+check. ``read_verified`` reads a file once and checks the size and SHA-256 of those very
+bytes; the runtime builds its sessions, programs and engines from the bytes it returns
+(``eproj.runtime.bundle.Bundle.graph_bytes`` and ``file_bytes``), so a file replaced on
+disk after ``load_manifest`` is refused when it is read, never run.
+
 TensorRT engines are built after export, on the target machine: ``record_engine``
 adds each to the manifest's ``engines`` section, apart from ``files`` (which
 ``load_manifest`` verifies on every load); the runtime checks an engine's record when
@@ -32,7 +38,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +49,7 @@ from eproj.errors import BundleError, ConfigError
 from eproj.files import write_atomic
 
 __all__ = ["BundleError", "load_manifest", "write_manifest", "validate_manifest", "referenced_files",
-           "bundle_file", "record_engine", "remove_engines", "sha256"]
+           "bundle_file", "read_verified", "record_engine", "remove_engines", "sha256"]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -318,22 +326,52 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     for graph, record in manifest.get(ENGINES, {}).items():
         bundle_file(folder, record["file"], f"{ENGINES}.{graph}.file")
     for name, entry in files.items():
-        file = bundle_file(folder, name, f"files[{name!r}]")
-        if not file.is_file():
-            raise BundleError(f"bundle file {file} is missing (or not a regular file)")
-        try:
-            size = file.stat().st_size
-            if size != entry["bytes"]:
-                raise BundleError(f"bundle file {file} has {size} bytes; the manifest says {entry['bytes']} "
-                                  f"(truncated or replaced)")
-            digest = sha256(file)
-        except OSError as exc:
-            raise BundleError(f"bundle file {file} cannot be read ({exc.strerror or exc})") from exc
-        if digest != entry["sha256"]:
-            raise BundleError(f"bundle file {file} has SHA-256 {digest[:16]}…; the manifest says "
-                              f"{entry['sha256'][:16]}… (modified after export)")
+        read_verified(folder, name, entry["bytes"], entry["sha256"], f"files[{name!r}]")
     _check_shapes(manifest, path)
     return manifest
+
+
+def read_verified(folder: Path, name: str, size: int, digest: str, field: str,
+                  changed: str = "modified after export") -> bytes:
+    """The bytes of bundle file ``name`` (in ``folder``, named by manifest field ``field``), read
+    once, after checking that they are ``size`` bytes with SHA-256 ``digest`` (64 hex digits).
+
+    The check is on the bytes returned, so whatever uses them uses what was verified (a file
+    swapped on disk between a check and a later open cannot slip in). The file is opened
+    without blocking and must be a regular file: a FIFO or device under a bundle file's name is
+    refused, never waited on. BundleError names the file and what differs; ``changed`` says the
+    likely cause in the message.
+    """
+    file = bundle_file(folder, name, field)
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise BundleError(f"bundle file {file} is missing (or not a regular file)") from None
+    except OSError as exc:
+        raise BundleError(f"bundle file {file} cannot be read ({exc.strerror or exc})") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"bundle file {file} is missing (or not a regular file: a FIFO, device or folder "
+                              "is never read)")
+        if info.st_size != size:
+            raise BundleError(f"bundle file {file} has {info.st_size} bytes; the manifest says {size} "
+                              f"(truncated or replaced: {changed})")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(size + 1)  # one byte more: a file that grew after fstat is caught too
+    except OSError as exc:
+        raise BundleError(f"bundle file {file} cannot be read ({exc.strerror or exc})") from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) != size:
+        raise BundleError(f"bundle file {file} has {len(data)} bytes; the manifest says {size} "
+                          f"(truncated or replaced: {changed})")
+    got = hashlib.sha256(data).hexdigest()
+    if got != digest:
+        raise BundleError(f"bundle file {file} has SHA-256 {got[:16]}…; the manifest says {digest[:16]}… ({changed})")
+    return data
 
 
 def _check_shapes(manifest: dict[str, Any], path: Path) -> None:

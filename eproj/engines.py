@@ -22,11 +22,14 @@ TensorRT documents that other engines load only with the version that built them
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eproj.bundle import ENGINE_SUFFIX, ENGINES, sha256
+from eproj.bundle import ENGINE_SUFFIX, ENGINES, bundle_file
 from eproj.errors import EprojError
 
 # the graphs an engine is built from, each with its batched input. The fp32 build makes
@@ -113,14 +116,21 @@ def verify_engine(folder: Path, manifest: dict[str, Any], graph: str, current: E
     rebuild command, when the engine is missing or unrecorded, its bytes differ from the
     record, it was built from another graph than the bundle's, or for another TensorRT or GPU.
     """
+    return verified_engine(folder, manifest, graph, current)[0]
+
+
+def verified_engine(folder: Path, manifest: dict[str, Any], graph: str,
+                    current: EngineTarget) -> tuple[dict[str, Any], bytes]:
+    """``verify_engine``'s record and the engine's bytes, read once: the SHA-256 checked is that
+    of the bytes returned, which are what ``deserialize_cuda_engine`` gets (an engine file
+    replaced after the check is never deserialized)."""
     hint = rebuild_hint(folder, graph)
     record = manifest.get(ENGINES, {}).get(graph)
     if record is None:
         raise EngineError(f"{folder} has no {graph} engine recorded in its manifest; build it with {hint}")
-    path = folder / record["file"]
-    if not path.is_file():
-        raise EngineError(f"{path} is missing; build it with {hint}")
-    digest = sha256(path)
+    path = bundle_file(folder, record["file"], f"{ENGINES}.{graph}.file")
+    data = _read_engine(path, hint)
+    digest = hashlib.sha256(data).hexdigest()
     if digest != record["sha256"]:
         raise EngineError(f"{path} has SHA-256 {digest[:16]}…; the manifest records {record['sha256'][:16]}… "
                           f"(replaced after it was built). Rebuild it with {hint}")
@@ -133,4 +143,21 @@ def verify_engine(folder: Path, manifest: dict[str, Any], graph: str, current: E
         raise EngineError(f"{path} was built from a {record['graph']} with SHA-256 {record['graph_sha256'][:16]}…; "
                           f"the bundle's is {str(graph_digest)[:16]}… (exported again since). Rebuild it with {hint}")
     check_target(record, current, str(path), hint)
-    return dict(record)
+    return dict(record), data
+
+
+def _read_engine(path: Path, hint: str) -> bytes:
+    """The whole engine file, opened without blocking; a regular file only (EngineError otherwise)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise EngineError(f"{path} is missing; build it with {hint}") from None
+    except OSError as exc:
+        raise EngineError(f"{path} cannot be read ({exc.strerror or exc}); rebuild it with {hint}") from exc
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise EngineError(f"{path} is missing (or not a regular file); build it with {hint}")
+        try:
+            return f.read()
+        except OSError as exc:
+            raise EngineError(f"{path} cannot be read ({exc.strerror or exc}); rebuild it with {hint}") from exc

@@ -15,8 +15,10 @@ Each graph is parsed with all parser errors reported (the parser lives until the
 engine is built), built with one optimization profile over the batch range and a
 workspace limit, with a timing cache kept in the bundle, and recorded in the
 bundle's manifest (``eproj.bundle.record_engine``): its hash, its graph's hash, the
-TensorRT version, the GPU, the batch range and the precision. The runtime refuses an
-engine whose record does not match (``eproj.engines.verify_engine``).
+TensorRT version, the GPU, the batch range and the precision. The graph is parsed from
+the bytes whose SHA-256 was checked (``eproj.bundle.read_verified``), so the recorded graph
+hash is that of what was built. The runtime refuses an engine whose record does not match
+(``eproj.engines.verify_engine``).
 
 ``tensorrt`` and ``cuda-python`` are imported when first used; without them the
 command says what to install.
@@ -28,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eproj.bundle import load_manifest, record_engine
+from eproj.bundle import load_manifest, read_verified, record_engine
 from eproj.engines import (ENGINE_INPUTS, FP16_GRAPHS, FP32_GRAPHS, EngineError, current_target, engine_file,
                            require_tensorrt)
 from eproj.files import write_atomic
@@ -53,15 +55,16 @@ def strongly_typed_flags() -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def _parse(logger: "tensorrt.ILogger", builder: "tensorrt.Builder",
+def _parse(logger: "tensorrt.ILogger", builder: "tensorrt.Builder", graph: bytes,
            onnx_path: Path) -> "tuple[tensorrt.INetworkDefinition, tensorrt.OnnxParser]":
-    """The strongly typed network of ``onnx_path`` and its parser, which must outlive the build:
-    the network refers to weights the parser owns."""
+    """The strongly typed network of the ONNX ``graph`` (the verified bytes of ``onnx_path``,
+    which names it in messages) and its parser, which must outlive the build:
+    TensorRT reads the weights the parser owns (freeing it first crashes or builds garbage)."""
     import tensorrt as trt
 
     network = builder.create_network(strongly_typed_flags())
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse(graph, str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineError(f"TensorRT cannot parse {onnx_path}:\n  " + "\n  ".join(errors))
     return network, parser
@@ -115,7 +118,9 @@ def build_engines(bundle: str | Path, fp16: bool = False, min_batch: int = 1, op
     written = []
     for graph in graphs:
         entry, input_name = manifest["graphs"][graph], ENGINE_INPUTS[graph]
-        network, parser = _parse(logger, builder, bundle / entry["file"])
+        listed = manifest["files"][entry["file"]]
+        graph_bytes = read_verified(bundle, entry["file"], listed["bytes"], listed["sha256"], f"graphs.{graph}.file")
+        network, parser = _parse(logger, builder, graph_bytes, bundle / entry["file"])
         per_sample = tuple(int(d) for d in entry["inputs"][input_name][1:])
         config = _config(builder, input_name, per_sample, batch, workspace_mb, tf32,
                          cache_path.read_bytes() if cache_path.is_file() else b"")
@@ -126,7 +131,7 @@ def build_engines(bundle: str | Path, fp16: bool = False, min_batch: int = 1, op
         engine_path = bundle / engine_file(graph)
         write_atomic(engine_path, bytes(serialized))
         write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
-        record: dict[str, Any] = {"graph": entry["file"], "graph_sha256": manifest["files"][entry["file"]]["sha256"],
+        record: dict[str, Any] = {"graph": entry["file"], "graph_sha256": listed["sha256"],
                                   "precision": "fp16" if fp16 else "fp32", "tf32": tf32, "input": input_name,
                                   "batch": batch, "workspace_mb": workspace_mb, **asdict(target)}
         record_engine(bundle, graph, engine_path, record)

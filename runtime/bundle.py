@@ -1,4 +1,10 @@
-"""A model bundle as the runtime reads it: the verified manifest with typed access."""
+"""A model bundle as the runtime reads it: the verified manifest with typed access.
+
+The backends build their sessions, programs and engines from bytes, never from a path:
+``Bundle.graph_bytes`` and ``Bundle.file_bytes`` read a file once and check the size and
+SHA-256 of those very bytes against the manifest, so what runs is what was hashed. A file
+replaced on disk after ``Bundle.load`` is refused (BundleError) when a backend reads it.
+``graph_path`` names a graph's file, for messages; nothing should open it."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eproj.bundle import FITS, BundleError, bundle_file, load_manifest
+from eproj.bundle import FITS, BundleError, bundle_file, load_manifest, read_verified
 from eproj.config import ProjectionConfig
 from eproj.errors import ConfigError
 
@@ -72,14 +78,38 @@ class Bundle:
         except KeyError:
             raise BundleError(f"{self.folder}: the manifest has no {kind} threshold for {method}") from None
 
+    def file_bytes(self, name: str) -> bytes:
+        """The bytes of bundle file ``name`` (a key of the manifest's ``files``), read once and
+        checked against the size and SHA-256 recorded there: build from these bytes, never reopen
+        the file. BundleError if ``name`` is not listed, or the file is missing, not a regular file,
+        or not the one exported (replaced since export, or since the bundle was loaded)."""
+        entry = self.manifest["files"].get(name)
+        if entry is None:
+            raise BundleError(f"{self.folder}: {name!r} is not listed under the manifest's files "
+                              f"(listed: {sorted(self.manifest['files'])}); only hashed files are read")
+        return read_verified(self.folder, name, entry["bytes"], entry["sha256"], f"files[{name!r}]",
+                             changed="replaced after export, or since the bundle was loaded")
+
+    def graph_bytes(self, graph: str) -> bytes:
+        """The ONNX graph ``graph`` ("encoder", "decoder", "step" or "step_fp16") as verified bytes
+        (``file_bytes``), for ``onnxruntime.InferenceSession(bytes)`` and the like."""
+        return self.file_bytes(self._graph_entry(graph)["file"])
+
     def graph_path(self, graph: str) -> Path:
+        """Where ``graph``'s file lies, for messages; open ``graph_bytes(graph)`` instead."""
+        entry = self._graph_entry(graph)
+        return bundle_file(self.folder, entry["file"], f"graphs.{graph}.file")
+
+    def _graph_entry(self, graph: str) -> dict[str, Any]:
         entry = self.manifest["graphs"].get(graph)
         if entry is None:
             raise BundleError(f"{self.folder} has no {graph} graph (export with --fp16 for step_fp16)")
-        return bundle_file(self.folder, entry["file"], f"graphs.{graph}.file")
+        return dict(entry)
 
     @property
     def weights_path(self) -> Path:
+        """Where the checkpoint (model.pt) lies, for the eager reference of the benchmarks
+        (``eproj.train.checkpoint.load_model`` maps the file); ``file_bytes`` reads it verified."""
         entry = self.manifest.get("weights")
         if entry is None:
             raise BundleError(f"{self.folder} carries no weights (model.pt), which the torch backend needs; "
@@ -93,9 +123,10 @@ class Bundle:
         if entry is None:
             return None
         path = bundle_file(self.folder, entry["file"], "ensemble.file")
+        data = self.file_bytes(entry["file"])
         try:
-            model = json.loads(path.read_bytes().decode("utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
+            model = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
             raise BundleError(f"{path} is not a readable JSON ensemble ({type(exc).__name__}: {str(exc)[:200]})") \
                 from exc
         return {"model": _check_ensemble(model, path), "threshold": float(entry["threshold"])}

@@ -25,7 +25,7 @@ class StepIngredients:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self._threads = threads
-        self.session = ort.InferenceSession(str(self.bundle.graph_path("step")), options,
+        self.session = ort.InferenceSession(self.bundle.graph_bytes("step"), options,
                                             providers=["CPUExecutionProvider"])
         model = self.bundle.manifest.get("model", {})
         self.weights = loss_weights(self.bundle.family, float(model.get("beta", 1.0)),

@@ -82,8 +82,9 @@ class OnnxRuntimeBackend(Backend):
         # ONNX Runtime's threads spin between graph calls (lower latency); the fused
         # kernels then run on the calling thread alone so that the pools never fight
         self.kernel_threads = 1
-        graph = bundle.graph_path("step_fp16" if precision == "fp16" else "step")
-        self.session = ort.InferenceSession(str(graph), options, providers=[provider])
+        # from the verified bytes, never the path: what runs is what the manifest hashed
+        graph = bundle.graph_bytes("step_fp16" if precision == "fp16" else "step")
+        self.session = ort.InferenceSession(graph, options, providers=[provider])
         self._outputs = [o.name for o in self.session.get_outputs()]
 
     def serial(self) -> "OnnxRuntimeBackend":

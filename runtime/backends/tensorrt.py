@@ -2,9 +2,10 @@
 the stream through cuda-python.
 
 ``load_engine`` deserializes an engine after checking its manifest record
-(``eproj.engines.verify_engine``: its bytes, its graph, the TensorRT version and the
+(``eproj.engines.verified_engine``: its bytes, its graph, the TensorRT version and the
 GPU), so an engine built elsewhere or from an older export is refused with the
-command that rebuilds it. ``precision="fp16"`` runs ``step_fp16.engine``
+command that rebuilds it. The bytes deserialized are the bytes whose hash was checked
+(read once), never the file reopened. ``precision="fp16"`` runs ``step_fp16.engine``
 (``eproj build-engine --fp16``), the strongly typed engine of the mixed-precision step graph.
 
 Each prepared step (one per batch size the inspector meets) has its own execution
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from eproj.cpp_ext import device_array
-from eproj.engines import EngineError, current_target, rebuild_hint, require_tensorrt, verify_engine
+from eproj.engines import EngineError, current_target, rebuild_hint, require_tensorrt, verified_engine
 from eproj.errors import ConfigError
 from eproj.runtime.backends.base import Backend
 from eproj.runtime.bundle import Bundle
@@ -55,12 +56,12 @@ class LoadedEngine(NamedTuple):
 def load_engine(bundle: Bundle, graph: str) -> LoadedEngine:
     """Deserialize ``graph``'s engine from ``bundle`` after checking its record against the
     bundle and this machine (EngineError, with the rebuild command, if anything differs)."""
-    record = verify_engine(bundle.folder, bundle.manifest, graph, current_target(require_tensorrt()))
+    record, data = verified_engine(bundle.folder, bundle.manifest, graph, current_target(require_tensorrt()))
     import tensorrt as trt
 
     path = bundle.folder / record["file"]
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         raise EngineError(f"TensorRT could not load {path} (see its log above); rebuild it with "
                           f"{rebuild_hint(bundle.folder, graph)}")

@@ -1,12 +1,14 @@
 """PyTorch: the bundle's step program (``step.pt2``, the step graph exported with
 ``torch.export``: forward operators only, no autograd, weights included) on the
-CPU or on CUDA. It needs torch alone, not eproj's training or export code, and the
-file is hash-checked with the rest of the bundle. On CUDA every iteration (step
+CPU or on CUDA. It needs torch alone, not eproj's training or export code; the
+program is loaded from the bytes whose hash was checked (``Bundle.file_bytes``), never
+reopened by path. On CUDA every iteration (step
 program, stop check, update) is captured in one CUDA graph after a warm-up and
 replayed; if capture fails, it falls back to plain launches and says so."""
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +33,9 @@ def load_step_program(bundle: Bundle, device: str) -> Any:
         raise BundleError(f"{bundle.folder} carries no torch step program (step.pt2), which the torch backend "
                           "runs; export the bundle again with this eproj")
     path = bundle.folder / entry["file"]
+    data = bundle.file_bytes(entry["file"])
     try:
-        program = torch.export.load(str(path))
+        program = torch.export.load(io.BytesIO(data))
     except Exception as error:  # a program of another torch version, or a damaged file
         raise BundleError(f"{path} (exported with torch {entry.get('torch', '?')}) does not load in torch "
                           f"{torch.__version__}: {type(error).__name__}: {error}. Export the bundle again "

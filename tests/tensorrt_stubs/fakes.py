@@ -8,6 +8,8 @@ TensorRT checks only by crashing or misbehaving:
   (TensorRT 11 removed them); ``"10..."`` has them, and records any use;
 - ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` has another value than the real
   one (1), so flags written as a literal bit do not pass;
+- ``OnnxParser`` has ``parse`` (the graph's bytes) alone: eproj parses the verified bytes,
+  never the file by path;
 - ``build_serialized_network`` fails if the network's ONNX parser has been freed
   (TensorRT reads weights the parser owns);
 - the fake CUDA runtime counts live streams, allocations and graph executions.
@@ -79,8 +81,10 @@ class FakeTensorRT(types.ModuleType):
                 self.num_errors = 0
                 network.parser = weakref.ref(self)
 
-            def parse_from_file(self, path: str) -> bool:
-                trt.parsed.append(Path(path).name)
+            def parse(self, model: bytes, path: str | None = None) -> bool:
+                if not isinstance(model, (bytes, bytearray, memoryview)) or not model:
+                    raise TypeError(f"fake TensorRT: parse takes the ONNX model's bytes, got {type(model).__name__}")
+                trt.parsed.append(Path(path).name if path else "<bytes>")
                 return True
 
             def get_error(self, index: int) -> str:
