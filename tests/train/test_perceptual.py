@@ -223,3 +223,18 @@ def test_efficientnet_loader_checks_names_and_shapes(tmp_path):
     torch.save(state, tmp_path / "short.pth")
     with pytest.raises(CheckpointError, match=r"missing \['_fc\.bias'\]"):
         P.efficientnet_lite0_from_file(tmp_path / "short.pth")
+
+
+def test_feature_record_names_the_network_layer_and_weight_file(tmp_path):
+    path = tmp_path / P.VGG19_FILE_NAME
+    torch.save(_vgg_state(), path)
+    record = P.feature_record("vgg19", path)
+    assert record["network"] == "vgg19" and record["tap"] == "relu4_2" and record["weights"] == P.VGG19_FILE_NAME
+    import hashlib
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    torch.save(_vgg_state(), path)  # other weights, same name: another record
+    assert P.feature_record("vgg19", path) != record
+    with pytest.raises(ConfigError, match="needs --perceptual-weights"):
+        P.feature_record("vgg19")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        P.feature_record("efficientnet-lite0", tmp_path / "missing.pth")

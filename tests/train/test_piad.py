@@ -389,3 +389,22 @@ def test_anomaly_score_is_eq1():
     with torch.no_grad():
         torch.testing.assert_close(P.anomaly_score(model, net, stats, x),
                                    relative_perceptual_l1(net, stats, x, model.reconstruct(x)))
+
+
+def test_piad_from_checkpoint_gives_the_trained_model_and_refuses_others(tmp_path):
+    config, train = _tiny(1)
+    features = {"network": "efficientnet-lite0", "tap": "stage3", "weights": "random (test)"}
+    path = P.train_piad(tmp_path, config, train, _Textures(), _features(), features, progress=False)
+    model, stats, record, step = P.piad_from_checkpoint(path)
+    payload = torch.load(path, weights_only=True)
+    assert step == 1 and record == features and not model.training
+    assert torch.equal(model.generator.out.weight, payload["generator"]["out.weight"])
+    assert torch.equal(stats.std, payload["stats"]["std"])
+    payload["encoder"]["out.weight"] = torch.zeros(7, 4, 1, 1)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="not a valid PIAD checkpoint.*out.weight"):
+        P.piad_from_checkpoint(tmp_path / "bad.pt")
+    payload["format"] = "eproj-checkpoint"
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="is not an eproj-piad-checkpoint file"):
+        P.piad_from_checkpoint(tmp_path / "other.pt")
