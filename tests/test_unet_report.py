@@ -43,3 +43,31 @@ def test_the_report_evaluates_every_map_and_the_puzzle_protocol(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| nut-unet-puzzle") and "puzzle |" in line)
     assert f"{protocol['puzzle']['image_auroc']:.3f}" in row
     assert np.isfinite(result["seconds"])
+    kept = result["defect_retention"]
+    assert kept["crops"] > 0 and 0 <= kept["median"] and np.isfinite(kept["pooled"])
+    assert "share of a synthetic defect the restoration keeps" in text
+
+
+def test_defect_retention_is_one_for_a_copy_and_zero_for_a_constant(tmp_path):
+    import torch
+
+    from eproj.train.checkpoint import TrainedModel
+    from eproj.train.models import ModelConfig, build_model
+
+    folder = make_mvtec(tmp_path / "mvtec" / "nut", size=32, n_train=6)
+    model = build_model(ModelConfig(family="unet", size=32, width=4))
+    report = _script()
+
+    class Copy(torch.nn.Module):
+        config = model.config
+
+        def forward(self, x):
+            return x
+
+    class Constant(Copy):
+        def forward(self, x):
+            return torch.full_like(x, 0.5)
+
+    for module, want in ((Copy(), 1.0), (Constant(), 0.0)):
+        kept = report.defect_retention(TrainedModel(module, {}, {}, "memory"), f"mvtec:{folder}")
+        assert kept["pooled"] == want and kept["median"] == want

@@ -17,6 +17,12 @@ AUROC, AUPRO (FPR <= 0.3), image AUROC with the map's maximum as the image score
 unet models also the paper's image-level protocol (image AUROC, FPR at TPR 0.99 and
 0.995) for the puzzle score (Eq. 7) and the plain score (identity input).
 Every threshold and normaliser comes from the models' calibration (validation images).
+
+Copying (issue 12's "capacity vs copying"): on the normal *validation* crops (never
+the test crops) with one synthetic defect each (``eproj.train.defects``, seed
+``RETENTION_SEED``), the share of the defect the restoration keeps,
+sum_mask (f(x_defect) - f(x_clean))^2 / sum_mask (x_defect - x_clean)^2, pooled over the
+crops: 1 when f copies the defect, 0 when it restores the clean surface.
 """
 
 from __future__ import annotations
@@ -36,6 +42,36 @@ TITLES = {"residual": "Residual", "dssim_reconstruction": "DSSIM recon.", "permu
           "dssim_projection": "DSSIM proj."}
 DEFAULT_RUNS = tuple(f"runs/{t}-unet-{r}/model.pt" for t in ("brick", "grass") for r in ("plain", "corrupt", "puzzle"))
 HERE = Path(__file__).resolve().parent
+RETENTION_SEED = 4242
+
+
+def defect_retention(trained: Any, data: str) -> dict[str, float]:
+    """The share of a synthetic defect f keeps on the validation crops (the module docstring):
+    ``pooled`` and the ``median`` over crops, and the number of ``crops``."""
+    import torch
+
+    from eproj.train.data import load_source, recorded_fit
+    from eproj.train.defects import add_defect
+
+    source = load_source(data, size=trained.config.size, fit=recorded_fit(trained.train))
+    clean = np.ascontiguousarray(source.validation(), dtype=np.float32)
+    rng = np.random.default_rng(RETENTION_SEED)
+    foreign = getattr(source, "foreign", None) or []
+    defective, masks = [], []
+    for crop in clean:
+        image, mask, _ = add_defect(rng, np.ascontiguousarray(crop.transpose(1, 2, 0)), foreign)
+        defective.append(image.transpose(2, 0, 1))
+        masks.append(mask)
+    x_def = np.ascontiguousarray(np.stack(defective))
+    m = np.stack(masks)[:, None]
+    with torch.no_grad():
+        f_clean = trained.model(torch.from_numpy(clean)).numpy()
+        f_def = trained.model(torch.from_numpy(x_def)).numpy()
+    kept = (((f_def - f_clean) ** 2) * m).reshape(len(clean), -1).sum(axis=1)
+    added = (((x_def - clean) ** 2) * m).reshape(len(clean), -1).sum(axis=1)
+    valid = added > 0
+    return {"pooled": float(kept[valid].sum() / added[valid].sum()),
+            "median": float(np.median(kept[valid] / added[valid])), "crops": int(valid.sum())}
 
 
 def default_models() -> list[str]:
@@ -75,6 +111,7 @@ def evaluate_model(path: str, progress: bool) -> dict[str, Any]:
             "test_images": len(recon), "defective_images": int(labels.sum()),
             "metrics": {name: _map_metrics(m, masks, labels) for name, m in maps.items()},
             "puzzle_protocol": recon_report["metrics"].get("puzzle_protocol"),
+            "defect_retention": defect_retention(trained, data),
             "projection": {"stop_rule": proj_report["stop_rule"], "mean_iterations": proj_report["iterations"]["mean"]},
             "seconds": time.perf_counter() - start}
 
@@ -107,6 +144,12 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
                 cells = [_cell(r["metrics"].get(m, {}).get(metric)) for m in MAPS]
                 lines.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
             lines.append("")
+        lines += ["### Copying: the share of a synthetic defect the restoration keeps (validation crops)\n",
+                  "| model | pooled | median | crops |", "| --- | --- | --- | --- |"]
+        for r in rows:
+            k = r["defect_retention"]
+            lines.append(f"| {_label(r)} | {_cell(k['pooled'])} | {_cell(k['median'])} | {k['crops']} |")
+        lines.append("")
         unets = [r for r in rows if r.get("puzzle_protocol")]
         if unets:
             lines += ["### Puzzle-AE's image-level protocol (unet)\n",
