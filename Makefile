@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# The dev and CI build compiles the CUDA kernels too (it needs nvcc; `make install
+# EPROJ_CUDA=OFF` builds the C++ kernels alone). A plain `pip install .` is C++ only.
+EPROJ_CUDA ?= ON
 
 .PHONY: demo test install clean
 
@@ -16,7 +19,9 @@ KERNEL_SOURCES := $(wildcard cpp_ext/CMakeLists.txt cpp_ext/*.cpp cpp_ext/*.in c
 $(STAMP): pyproject.toml CMakeLists.txt $(KERNEL_SOURCES) | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
 	# EPROJ_CUDA_SIM=ON: also the simulated CUDA device (cpp_ext/sim) that `make test` runs the CUDA kernels on
-	$(VENV)/bin/python -m pip install --quiet -e ".[test]" -Ccmake.define.EPROJ_CUDA_SIM=ON
+	$(VENV)/bin/python -m pip install --quiet -e ".[test]" -Ccmake.define.EPROJ_CUDA=$(EPROJ_CUDA) \
+		-Ccmake.define.EPROJ_CUDA_SIM=ON
+	@$(VENV)/bin/python -c "import eproj.cpp_ext as k; print('eproj kernels built:', k.build_info())"
 	touch $@
 
 install: $(STAMP)

@@ -70,7 +70,10 @@ def build_info() -> dict[str, Any]:
 
 def cuda_unavailable_reason() -> str:
     """Empty when the CUDA kernels can run here, otherwise why not."""
-    return str(_load().cuda_unavailable_reason())
+    reason = str(_load().cuda_unavailable_reason())
+    if reason and not _load().build_info()["cuda"]:
+        reason += " (the default build is C++ only; build them with pip install . -Ccmake.define.EPROJ_CUDA=ON)"
+    return reason
 
 
 def cuda_available() -> bool:

@@ -91,6 +91,11 @@ def _cuda_view(name: str, pointer: int, shape: tuple[int, ...], dtype: str, cont
         from eproj.cpp_ext import _load
 
         kind, device_id = _load().pointer_kind(pointer)
+        if kind == "unknown":  # a build without the CUDA kernels cannot tell, nor run them
+            from eproj.cpp_ext import cuda_unavailable_reason
+
+            raise ArrayError(f"{name} is a CUDA array, but the CUDA kernels cannot run here: "
+                             f"{cuda_unavailable_reason()}")
         if kind in ("host", "unregistered"):
             raise ArrayError(f"{name}: expected device memory for the CUDA path, got a {kind} pointer "
                              f"(0x{pointer:x}); copy the array to the GPU or call the CPU path with a NumPy array")

@@ -75,14 +75,20 @@ def test_build_info_says_what_was_built():
     assert isinstance(kernels.cuda_available(), bool)
 
 
-def test_cuda_kernels_are_built_where_a_toolkit_is():
-    """EPROJ_CUDA=AUTO builds them when nvcc is found: CI, which has nvcc, compiles and links them."""
+def test_the_dev_build_has_the_cuda_kernels():
+    """`make install` (the dev and CI build) asks for the CUDA kernels (EPROJ_CUDA=ON) with the
+    simulator (EPROJ_CUDA_SIM=ON); a build with the simulator but without CUDA kernels was not
+    made by it. The default `pip install .` is C++ only (tests/cpp_ext/test_build_switch.py)."""
+    import importlib.util
     import shutil
     from pathlib import Path
 
+    if importlib.util.find_spec("eproj.cpp_ext._kernels_sim") is None:
+        pytest.skip("not the dev build (make install): the simulated device is not built")
     if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
-        pytest.skip("no CUDA toolkit on this machine")
-    assert kernels.build_info()["cuda"] is True
+        pytest.skip("no CUDA toolkit here: `make install EPROJ_CUDA=OFF` is the build for such a machine")
+    assert kernels.build_info()["cuda"] is True, ("the simulator is built but the CUDA kernels are not: "
+                                                   "`make install` builds both (EPROJ_CUDA=ON needs nvcc)")
 
 
 def test_device_arrays_are_read_as_cuda_memory(arrays):
