@@ -22,10 +22,12 @@ in model.pt, ``"decision"`` in a bundle's manifest) and how it is applied:
   score is the maximum over its tiles; ``score_threshold`` the verdict's threshold.
 - ``min_region_area``: pixels (at model resolution) of the largest connected
   region of the mask that normal validation images never reach.
-- ``frame_range``: per statistic of ``FRAME_STATISTICS``, the [low, high] range
-  outside which a frame is unlike any normal validation frame (None: no bound on that
-  side). The map's mean has a low bound only: a high one is what the mask-region and score
-  rules judge, and a tile's map depends on where it stopped.
+- ``frame_range``: per statistic of ``FRAME_STATISTICS`` it bounds, the [low, high]
+  range outside which a frame is unlike any normal frame (None: no bound on that side).
+  Calibration bounds Lr(x0) and the pixels' standard deviation over the normal validation
+  images and the training inputs. A range with the map's mean (a low bound only, from
+  earlier calibrations) is still applied; it is no longer calibrated, because a tile
+  explained as well as the training data has a map near zero and is not unlike normal.
 
 The verdict (``verdict``): a frame is defective when any of its tiles lies outside
 the frame range (reason "unlike any normal frame"), when its mask has a connected

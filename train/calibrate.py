@@ -22,8 +22,8 @@ Everything here is chosen on held-out validation data, never on test images:
 - the decision (``eproj.decision``): the zero-iteration map scale, the image score
   with the best AUROC on the validation images (normal and synthetic defects) and its
   threshold, the smallest mask region normal images never reach, the range of
-  frame-level statistics of normal images. The projection's thresholds and decision
-  depend on the stop rule (its maps do): each rule carries its own (``stop_rules[name]
+  frame-level statistics of normal images (validation and training inputs). The
+  projection's thresholds and decision depend on the stop rule (its maps do): each rule carries its own (``stop_rules[name]
   ["segmentation"]``, ``["decision"]``); the top-level ones are the rule in force's;
 - the default projection parameters;
 - for the unet family, ``permutation``: the permutation scores' normalisers (the mean of each
@@ -68,14 +68,19 @@ RANGE_MARGIN = 2.0  # frame range: [min / margin, max * margin] of the normal va
 DEFECT_SEED = 7919  # the synthetic validation defects' own seed (the test set uses the source's)
 
 
-def lr_statistics(model: Autoencoder, images: np.ndarray, batch: int = 64) -> dict[str, float]:
-    """Lr over (N, C, S, S) training inputs: min, max, mean and ``LR_QUANTILES``."""
+def lr_values(model: Autoencoder, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """(N,) float64 Lr of each of (N, C, S, S) inputs."""
     values = []
     with torch.no_grad():
         for start in range(0, len(images), batch):
             loss, _ = reconstruction_loss(model, torch.from_numpy(images[start:start + batch]))
             values.append(loss.numpy())
-    lr = np.concatenate(values).astype(np.float64)
+    return np.concatenate(values).astype(np.float64)
+
+
+def lr_statistics(model: Autoencoder, images: np.ndarray, batch: int = 64) -> dict[str, float]:
+    """Lr over (N, C, S, S) training inputs: min, max, mean and ``LR_QUANTILES``."""
+    lr = lr_values(model, images, batch)
     stats = {"count": int(lr.size), "min": float(lr.min()), "max": float(lr.max()), "mean": float(lr.mean())}
     stats.update({f"q{q:g}": float(np.quantile(lr, q)) for q in LR_QUANTILES})
     return stats
@@ -235,7 +240,9 @@ def choose_rule(lr: np.ndarray, iterates: np.ndarray, images: np.ndarray, masks:
 def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConfig = ProjectionConfig(),
               quantile: float = 0.99, n_train: int = 256, progress: bool = True) -> dict[str, Any]:
     """Compute the calibration dict stored in ``model.pt`` (see the module docstring)."""
-    stats = lr_statistics(model, source.train_sample(n_train, seed=12345))
+    train_inputs = source.train_sample(n_train, seed=12345)
+    stats = lr_statistics(model, train_inputs)
+    train_normal = {"lr0": lr_values(model, train_inputs), "x0_std": tile_std(train_inputs)}
     projection = projection.with_(stop_threshold=None)
     normal_images, defect_images, defect_masks = validation_sets(source)
     images = np.concatenate([normal_images, defect_images])
@@ -261,7 +268,7 @@ def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConf
              "training-min": {"stop_threshold": stats["min"], "max_iters": CAP, "gate_lr": None}}
     for rule in rules.values():
         rule.update(rule_calibration(rule, lr, iterates, images, normal, recon, recon_dssim, rec_error, levels,
-                                     quantile))
+                                     quantile, train_normal))
     active = rules["validation"]
     calibration = {"lr_stats": stats, "stop_rule": "validation", "stop_threshold": active["stop_threshold"],
             "stop_rules": rules, "stop_rule_selection": table, "quantile": quantile,
@@ -278,9 +285,16 @@ def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConf
 
 def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray, images: np.ndarray,
                      normal: np.ndarray, recon: dict[str, float], recon_dssim: np.ndarray, rec_error: np.ndarray,
-                     levels: np.ndarray, quantile: float) -> dict[str, Any]:
+                     levels: np.ndarray, quantile: float,
+                     train_normal: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """The projection's segmentation thresholds and the decision (``eproj.decision``) under one stop
-    rule, from the validation trajectories: ``{"segmentation": ..., "decision": ...}``."""
+    rule, from the validation trajectories: ``{"segmentation": ..., "decision": ...}``.
+
+    The frame range spans the frame statistics of the normal validation images and of the
+    training inputs in ``train_normal`` (name -> (M,) values: a frame as well explained as the
+    training data is normal, not unlike it); it bounds Lr(x0) and the pixels' standard
+    deviation (a uniform frame falls below it), not the map's mean, whose low values only say
+    that a tile is well explained."""
     times = stop_times(lr, rule["stop_threshold"], rule["max_iters"], rule["gate_lr"])
     ungated = stop_times(lr, rule["stop_threshold"], rule["max_iters"], None)
     plain_dssim, plain_l2 = _maps_at(images[normal], iterates[normal], ungated[normal])
@@ -302,10 +316,11 @@ def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray,
         "image_score": image_score, "score_threshold": score_threshold,
         "image_score_validation_auroc": aurocs,
         "min_region_area": int(max(largest_region(m > t_proj) for m in maps[normal]) + 1),
-        "frame_range": frame_range({"lr0": lr[normal, 0],
-                                    "map_mean": maps[normal].reshape(normal.sum(), -1).mean(axis=1),
-                                    "x0_std": tile_std(images[normal])},
-                                   RANGE_MARGIN, low_only=("map_mean",)),
+        "frame_range": frame_range({"lr0": np.concatenate([lr[normal, 0],
+                                                           train_normal["lr0"] if train_normal else []]),
+                                    "x0_std": np.concatenate([tile_std(images[normal]),
+                                                              train_normal["x0_std"] if train_normal else []])},
+                                   RANGE_MARGIN),
         "range_margin": RANGE_MARGIN,
         "zero_iteration_map_scale": float(scale[0]),
         "map_scale": [float(v) for v in scale],

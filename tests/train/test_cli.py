@@ -40,6 +40,11 @@ def test_train_resumes_and_calibrates(trained_run):
     for method in ("reconstruction", "projection"):
         assert set(cal["segmentation"][method]) == {"dssim", "l2", "score"}
     assert trained.train["data"].startswith("mvtec:")
+    # the frame range spans the training inputs too: Lr(x0) and the pixels' spread, no map-mean bound
+    frame_range = cal["decision"]["frame_range"]
+    assert set(frame_range) == {"lr0", "x0_std"}
+    assert frame_range["lr0"][0] <= cal["lr_stats"]["min"] / cal["decision"]["range_margin"] + 1e-9
+    assert frame_range["lr0"][1] >= cal["lr_stats"]["max"] * cal["decision"]["range_margin"] - 1e-6
 
 
 def test_resume_is_identical_to_an_uninterrupted_run(trained_run, tmp_path):
