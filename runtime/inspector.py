@@ -195,7 +195,8 @@ class Inspector:
 
         Args:
             backend: "auto" (TensorRT, then torch on CUDA, then ONNX Runtime on the
-                CPU), "onnxruntime", "torch" or "tensorrt"; ``device`` "cpu" or "cuda".
+                CPU, then OpenVINO), "onnxruntime", "torch", "tensorrt" or "openvino"
+                (CPU only, ``pip install openvino onnx``); ``device`` "cpu" or "cuda".
             method: "projection", "reconstruction" for the baseline, or "ensemble" (the
                 bundle's fitted predictor ensemble; its map is a probability).
             fit: "none", "resize" or "tile"; default the bundle's.
@@ -206,9 +207,9 @@ class Inspector:
             batch_size: tiles per batch through the loop.
             check_every: iterations between reads of the stop flags (1 on the CPU, 8 on GPUs).
             threads: CPU threads (0: every core this process may use). With ONNX Runtime
-                on the CPU, a batch of two or more tiles is split across that many loops
-                run side by side, one thread each; a single tile uses all of them.
-            loops: ONNX Runtime on the CPU: loops side by side (default ``threads``);
+                on the CPU or OpenVINO, a batch of two or more tiles is split across that
+                many loops run side by side, one thread each; a single tile uses all of them.
+            loops: ONNX Runtime on the CPU and OpenVINO: loops side by side (default ``threads``);
                 1 runs each batch as one loop whose graph uses every thread.
             precision: "fp32" or "fp16" (ONNX Runtime's step_fp16 graph, TensorRT's fp16 engine).
             cuda_graphs: torch and TensorRT: replay each iteration as a CUDA graph (default on).

@@ -3,13 +3,20 @@
 
 - ``onnxruntime``: ONNX Runtime, CPU provider (the embedded default) or CUDA;
 - ``torch``: the bundle's ``torch.export``-ed step program on the CPU or CUDA, with CUDA graphs;
-- ``tensorrt``: TensorRT engines through cuda-python, with CUDA graphs.
+- ``tensorrt``: TensorRT engines through cuda-python, with CUDA graphs;
+- ``openvino``: OpenVINO's CPU plugin, f32 (an optional extra, ``eproj[openvino]``).
 
 ``create_backend(bundle, "auto", device)`` picks, among the backends that can run on
 ``device`` and take every option given, TensorRT, then torch on CUDA, then ONNX
-Runtime (on the CPU unless ``device="cuda"``), and records why it passed over the
-others. No option is ever dropped: an option the named backend does not take is a
-``ConfigError`` naming the option and the backend.
+Runtime (on the CPU unless ``device="cuda"``), then OpenVINO, then torch on the CPU,
+and records why it passed over the others. No option is ever dropped: an option the
+named backend does not take is a ``ConfigError`` naming the option and the backend.
+
+OpenVINO comes after ONNX Runtime on the CPU because it was measured slower where
+the runtime spends its time (``benchmarks/full_frame.py``, 2 shared cores of an AMD EPYC
+with AVX-512 and no AMX, OpenVINO 2026.4 against ONNX Runtime 1.32): the runtime splits batches
+across one-thread loops, and there OpenVINO's step took 1.2-1.3x ONNX Runtime's time;
+it was faster only with two threads on one batch-16 call (1.2x).
 """
 
 from __future__ import annotations
@@ -20,15 +27,16 @@ from eproj.errors import ConfigError
 from eproj.runtime.backends.base import Backend
 from eproj.runtime.bundle import Bundle
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt", "openvino")
 DEVICES = ("cpu", "cuda")
 # the options each backend takes besides its device
 OPTIONS = {"onnxruntime": ("threads", "precision", "loops"), "torch": ("cuda_graphs",),
-           "tensorrt": ("precision", "cuda_graphs")}
+           "tensorrt": ("precision", "cuda_graphs"), "openvino": ("threads", "loops")}
 # what "auto" tries, in order, for each device asked for (None: any)
-_AUTO_ORDER = {None: (("tensorrt", "cuda"), ("torch", "cuda"), ("onnxruntime", "cpu"), ("torch", "cpu")),
+_AUTO_ORDER = {None: (("tensorrt", "cuda"), ("torch", "cuda"), ("onnxruntime", "cpu"), ("openvino", "cpu"),
+                      ("torch", "cpu")),
                "cuda": (("tensorrt", "cuda"), ("torch", "cuda"), ("onnxruntime", "cuda")),
-               "cpu": (("onnxruntime", "cpu"), ("torch", "cpu"))}
+               "cpu": (("onnxruntime", "cpu"), ("openvino", "cpu"), ("torch", "cpu"))}
 
 
 def _unavailable(bundle: Bundle, backend: str, device: str, precision: str | None) -> str:
@@ -54,6 +62,9 @@ def _unavailable(bundle: Bundle, backend: str, device: str, precision: str | Non
         if "torch_step" not in bundle.manifest:
             return "the bundle carries no torch step program (export it again with this eproj)"
         return ""
+    if backend == "openvino":
+        missing = [name for name in ("openvino", "onnx") if importlib.util.find_spec(name) is None]
+        return f"{' and '.join(missing)} not installed (pip install openvino onnx)" if missing else ""
     if importlib.util.find_spec("onnxruntime") is None:
         return "ONNX Runtime is not installed"
     return ""
@@ -76,6 +87,10 @@ def _build(bundle: Bundle, backend: str, device: str | None, options: dict[str, 
         from eproj.runtime.backends.torch import TorchBackend
 
         return TorchBackend(bundle, device or "cpu", **options)
+    if backend == "openvino":
+        from eproj.runtime.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(bundle, device or "cpu", **options)
     if device not in (None, "cuda"):
         raise ConfigError(f"the tensorrt backend runs on cuda, not {device!r}")
     from eproj.runtime.backends.tensorrt import TensorRTBackend

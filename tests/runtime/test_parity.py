@@ -28,13 +28,15 @@ def _backend(name: str) -> tuple[str, str, dict]:
         pytest.skip("no CUDA GPU here")
     if backend == "tensorrt":
         pytest.importorskip("tensorrt", reason="TensorRT is not installed")
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino onnx)")
     return backend, device, {"threads": int(threads[0])} if threads else {}
 
 
-# onnxruntime-cpu-2 splits every batch across two loops side by side (ParallelProjector);
-# onnxruntime-cpu-1 runs one loop
-BACKENDS = ["onnxruntime-cpu-2", "onnxruntime-cpu-1", "torch-cpu", pytest.param("torch-cuda", marks=pytest.mark.cuda),
-            pytest.param("tensorrt-cuda", marks=pytest.mark.cuda)]
+# onnxruntime-cpu-2 and openvino-cpu-2 split every batch across two loops side by side
+# (ParallelProjector); -1 runs one loop
+BACKENDS = ["onnxruntime-cpu-2", "onnxruntime-cpu-1", "openvino-cpu-2", "openvino-cpu-1", "torch-cpu",
+            pytest.param("torch-cuda", marks=pytest.mark.cuda), pytest.param("tensorrt-cuda", marks=pytest.mark.cuda)]
 
 
 def _frames(n: int = 5, size: int = 32) -> np.ndarray:
