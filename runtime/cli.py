@@ -38,7 +38,7 @@ from tqdm import tqdm
 from eproj.errors import ConfigError, DataError, EprojError
 from eproj.files import write_atomic
 from eproj.runtime.inspector import InspectionResult, Inspector
-from eproj.runtime.sources import DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_MAX_PIXELS, check_spec, open_source
+from eproj.runtime.sources import DEFAULT_FIRST_FRAME_TIMEOUT, DEFAULT_MAX_PIXELS, Source, check_spec, open_source
 
 RESULTS = "results.jsonl"
 
@@ -201,7 +201,7 @@ def prepare_out(out: Path) -> None:
             raise DataError(f"the output folder {folder} is not writable")
 
 
-def run_stream(inspector: Inspector, source_spec: str, out: Path, show: bool = False,
+def run_stream(inspector: Inspector, source_spec: str | Source, out: Path, show: bool = False,
                max_frames: int | None = None, progress: bool = True, restart: bool = False,
                max_pixels: int = DEFAULT_MAX_PIXELS,
                first_frame_timeout: float = DEFAULT_FIRST_FRAME_TIMEOUT) -> dict[str, int]:
@@ -212,11 +212,15 @@ def run_stream(inspector: Inspector, source_spec: str, out: Path, show: bool = F
     (unreadable inputs, recorded with their reason) and ``resumed`` (inputs already in
     results.jsonl, not inspected again; never a camera's frames). ``max_frames`` bounds
     the frames inspected or skipped by this run; resumed inputs and a camera's
-    reconnection attempts do not count.
+    reconnection attempts do not count. ``source_spec`` is a spec for ``open_source`` or a
+    ``Source`` already made (e.g. frames from memory, as the soak benchmark feeds).
     """
-    source = open_source(source_spec, inspector.bundle.channels, max_pixels=max_pixels,
-                         first_frame_timeout=first_frame_timeout,
-                         notify=lambda message: print(f"eproj: {message}", file=sys.stderr))
+    if isinstance(source_spec, Source):
+        source = source_spec
+    else:
+        source = open_source(source_spec, inspector.bundle.channels, max_pixels=max_pixels,
+                             first_frame_timeout=first_frame_timeout,
+                             notify=lambda message: print(f"eproj: {message}", file=sys.stderr))
     if show and not _gui_available():
         raise ConfigError("--show needs OpenCV with GUI support (pip install opencv-python, not -headless)")
     prepare_out(out)
