@@ -370,7 +370,8 @@ def read_verified(folder: Path, name: str, size: int, digest: str, field: str,
                           f"(truncated or replaced: {changed})")
     got = hashlib.sha256(data).hexdigest()
     if got != digest:
-        raise BundleError(f"bundle file {file} has SHA-256 {got[:16]}…; the manifest says {digest[:16]}… ({changed})")
+        raise BundleError(f"bundle file {file} has SHA-256 {got[:16]}…; the manifest says {digest[:16]}… "
+                          f"({changed})")
     return data
 
 

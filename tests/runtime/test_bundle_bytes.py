@@ -131,7 +131,8 @@ def test_an_engine_swapped_after_its_check_is_never_deserialized(folder, monkeyp
     from eproj.export.tensorrt import build_engines
     from eproj.runtime.backends.tensorrt import load_engine
 
-    spec = importlib.util.spec_from_file_location("tensorrt_stubs_fakes", ROOT / "tests" / "tensorrt_stubs" / "fakes.py")
+    spec = importlib.util.spec_from_file_location("tensorrt_stubs_fakes",
+                                                  ROOT / "tests" / "tensorrt_stubs" / "fakes.py")
     fakes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fakes)
     fakes.install(monkeypatch, version, cuda=True)

@@ -141,10 +141,11 @@ def test_a_full_disk_stops_the_run_clearly_and_keeps_every_line(bundle, frames, 
     disk, keep = tmp_path / "disk", tmp_path / "kept.jsonl"
     disk.mkdir()
     # the results are copied off the tmpfs before the namespace (and its mount) ends
-    script = 'mount -t tmpfs -o size=128k tmpfs "$M" && { "$@"; status=$?; cp "$M/out/results.jsonl" "$K"; exit $status; }'
+    script = ('mount -t tmpfs -o size=128k tmpfs "$M" && '
+              '{ "$@"; status=$?; cp "$M/out/results.jsonl" "$K"; exit $status; }')
     done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
-                           *_command(bundle, frames, disk / "out")],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "M": str(disk), "K": str(keep)})
+                           *_command(bundle, frames, disk / "out")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "M": str(disk), "K": str(keep)})
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert "No space left on device" in done.stderr and "the run stops here" in done.stderr, done.stderr[-2000:]
