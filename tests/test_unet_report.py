@@ -39,7 +39,7 @@ def test_the_report_evaluates_every_map_and_the_puzzle_protocol(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert payload["command"].startswith(".venv/bin/python reports/unet/make_report.py")
     assert "| Residual | DSSIM recon. | Permutation | DSSIM proj. |" in text
-    assert "nut-unet-puzzle — unet, puzzle, 2 steps" in text and "Puzzle-AE's image-level protocol" in text
+    assert "nut-unet-puzzle — unet, puzzle, 2 steps" in text and result["train"]["steps_asked"] == 2 and "Puzzle-AE's image-level protocol" in text
     row = next(line for line in text.splitlines() if line.startswith("| nut-unet-puzzle") and "puzzle |" in line)
     assert f"{protocol['puzzle']['image_auroc']:.3f}" in row
     assert np.isfinite(result["seconds"])

@@ -88,10 +88,11 @@ def _map_metrics(maps: list[np.ndarray], masks: list, labels: np.ndarray) -> dic
 
 def evaluate_model(path: str, progress: bool) -> dict[str, Any]:
     """Every map's metrics of one model (see the module docstring)."""
-    from eproj.train.checkpoint import load_model
+    from eproj.train.checkpoint import MODEL_FORMAT, load_model, load_payload
     from eproj.train.evaluate import evaluate
 
     trained = load_model(path)
+    trained_steps = int(load_payload(Path(path), MODEL_FORMAT)["step"])
     data = trained.train["data"]
     start = time.perf_counter()
     recon_report, recon = evaluate(trained, data, "reconstruction", progress=progress)
@@ -104,7 +105,7 @@ def evaluate_model(path: str, progress: bool) -> dict[str, Any]:
         maps["permutation"] = [r.maps["permutation"] for r in recon]
     train = trained.train
     return {"model": path, "family": trained.config.family, "data": data,
-            "train": {"steps": train.get("steps"), "regime": train.get("regime") or "plain",
+            "train": {"steps": trained_steps, "steps_asked": train.get("steps"), "regime": train.get("regime") or "plain",
                       "corruption": train.get("corruption") if train.get("regime") == "corrupt" else None,
                       "weight_decay": train.get("weight_decay"), "adv_weight": train.get("adv_weight", 0.0),
                       "width": trained.config.width if trained.config.family == "unet" else None},
