@@ -8,14 +8,20 @@ shipped brick model exported to a bundle:
 - with the bundle's own stop criterion ("bundle"), and with ``--max-iters`` /
   ``--stop-threshold`` (default 100 and the training-set minimum of Lr, the rule every
   tile ran under before calibrated stops; no zero-iteration gate) ("override");
-- for each, the runtime (ONNX Runtime and the fused kernels) and the PyTorch eager
-  autograd reference (``eproj.train.projection.project`` and the torch DSSIM map on the
+- for each, the runtime (the fused kernels with the step graph on ONNX Runtime, and on
+  OpenVINO where it is installed) and the PyTorch eager autograd reference
+  (``eproj.train.projection.project`` and the runtime's maps, ``projection_maps``, on the
   same tiles, blended the same way), with frames per second, the runtime's per-stage
-  split, and the iterations per tile each side took.
+  split, and the iterations per tile each side took;
+- ``--levers``: the runtime alone (no reference) with the bundle's criterion at other tile
+  strides and batch sizes (all the frame's tiles in one batch), frames/s and iterations.
 
 It also counts the step graph's FLOPs from the ONNX graph (Conv, ConvTranspose, MatMul,
-Gemm), times the step graph alone at batch 1 and 16, and a large SGEMM in torch on the
-same threads, and reports the step's GFLOP/s against that measured peak.
+Gemm), times the step graph alone in ONNX Runtime and in OpenVINO (its shared weights
+untied, as the openvino backend runs it), called in turn, at batch 1 and 16 on 1 and
+``--threads`` threads, with the process's CPU seconds per call (the share of the cores it
+got on a shared machine), and a large SGEMM in torch on the same threads, and reports each
+engine's GFLOP/s against that measured peak.
 
     python benchmarks/full_frame.py --json benchmarks/results/full_frame_cpu.json
 """
@@ -117,11 +123,12 @@ def time_runtime(inspector: Any, frame: np.ndarray, repeats: int, defect_mask: n
 
 def time_reference(inspector: Any, frame: np.ndarray, repeats: int, model: Any) -> dict[str, Any]:
     """The same projection with eager autograd on the inspector's tiles, parameters and gate:
-    tiles laid out by ``eproj.runtime.frames``, ``project``, the torch DSSIM map, the blend."""
+    tiles laid out by ``eproj.runtime.frames``, ``project``, the torch maps as the runtime
+    forms them (``projection_maps``), the blend."""
     import torch
 
     from eproj.runtime.frames import at_frame_size, stitch, to_batch
-    from eproj.train.losses import dssim_map
+    from eproj.train.evaluate import projection_maps
     from eproj.train.projection import project
 
     gate = getattr(inspector, "gate_lr", None)
@@ -132,8 +139,10 @@ def time_reference(inspector: Any, frame: np.ndarray, repeats: int, model: Any) 
                                   inspector.channel_order, None, inspector.scale, inspector.tile_stride)
         x = torch.from_numpy(x0)
         result = project(model, x, inspector.config, gate_threshold=gate)
-        with torch.no_grad():
-            dssim = dssim_map(x, result.projection).reshape(len(x0), x0.shape[2], x0.shape[3]).numpy()
+        # the maps as the runtime forms them: a tile that took no step is mapped by its
+        # reconstruction, and every map is put on one scale by its step count
+        dssim = projection_maps(model, x, result.projection, result.iterations.numpy(),
+                                inspector.decision.zero_iteration_map_scale, inspector.decision.map_scale)[0]
         blended = at_frame_size(stitch(dssim, layouts[0]), layouts[0])
         _ = blended > inspector.pixel_threshold
         return blended, result.iterations.tolist()
@@ -181,48 +190,83 @@ def step_flops(step_path: Path) -> dict[str, Any]:
     return {"per_sample": int(sum(by_op.values())), "by_op": dict(by_op)}
 
 
-def time_step_graph(step_path: Path, tiles: np.ndarray, threads: int, batches: tuple[int, ...],
-                    flops: int, repeats: int = 20) -> list[dict[str, Any]]:
-    """The step graph alone in ONNX Runtime (CPU, ``threads`` intra-op threads) on the frame's
-    first tiles: median ms per call, as the runtime's sessions run it and with denormals
-    flushed to zero (``session.set_denormal_as_zero``), which the runtime does not set."""
+def step_engines(step_bytes: bytes, threads: int) -> dict[str, Any]:
+    """name -> a call that runs the step graph on a batch ``x``: ONNX Runtime on the CPU as the
+    runtime's sessions run it, the same with denormals flushed to zero (which the runtime does
+    not set), and OpenVINO's CPU plugin in f32 on the untied graph as the openvino backend
+    compiles it (left out where OpenVINO is not installed)."""
     import onnxruntime as ort
 
-    rows = []
-    for flush in (False, True):
+    engines: dict[str, Any] = {}
+    for name, flush in (("onnxruntime", False), ("onnxruntime, denormals as zero", True)):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.set_denormal_as_zero", "1" if flush else "0")
-        session = ort.InferenceSession(str(step_path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(step_bytes, options, providers=["CPUExecutionProvider"])
+        engines[name] = lambda x, session=session: session.run(None, {"x": x})
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return engines
+    from eproj.runtime.backends.openvino import compile_step, untied_graph_bytes
+
+    compiled = compile_step(untied_graph_bytes(step_bytes)[0], threads)
+    request = compiled.create_infer_request()
+    engines["openvino"] = lambda x: request.infer({0: x})
+    return engines
+
+
+def time_step_graph(step_bytes: bytes, tiles: np.ndarray, threads: tuple[int, ...], batches: tuple[int, ...],
+                    flops: int, repeats: int = 15) -> list[dict[str, Any]]:
+    """The step graph alone on the frame's first tiles, in every engine of ``step_engines``,
+    the engines called in turn (so a change in the machine's load reaches them alike): per
+    engine, thread count and batch, the median ms per call, GFLOP/s, and the process's CPU
+    seconds per wall second over the calls (``cores_used``: below ``threads`` where other
+    jobs hold the cores)."""
+    rows = []
+    for count in threads:
+        engines = step_engines(step_bytes, count)
         for batch in batches:
             x = np.ascontiguousarray(np.resize(tiles, (batch,) + tiles.shape[1:]))
-            for _ in range(3):
-                session.run(None, {"x": x})
-            calls = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                session.run(None, {"x": x})
-                calls.append(time.perf_counter() - start)
-            seconds = _median(calls)
-            rows.append({"batch": batch, "denormals_as_zero": flush, "ms": 1e3 * seconds,
-                         "gflop_per_s": flops * batch / seconds / 1e9})
+            for run in engines.values():
+                for _ in range(3):
+                    run(x)
+            calls: dict[str, list[float]] = {name: [] for name in engines}
+            cpu: dict[str, float] = {name: 0.0 for name in engines}
+            for _ in range(repeats if batch < 8 else max(3, repeats // 3)):
+                for name, run in engines.items():
+                    before, start = time.process_time(), time.perf_counter()
+                    run(x)
+                    calls[name].append(time.perf_counter() - start)
+                    cpu[name] += time.process_time() - before
+            for name in engines:
+                seconds = _median(calls[name])
+                rows.append({"engine": name, "threads": count, "batch": batch, "ms": 1e3 * seconds,
+                             "gflop_per_s": flops * batch / seconds / 1e9,
+                             "cores_used": cpu[name] / sum(calls[name])})
+            base = next(r for r in rows if r["engine"] == "onnxruntime" and r["threads"] == count
+                        and r["batch"] == batch)
+            for row in rows[-len(engines):]:
+                row["speedup_vs_onnxruntime"] = base["ms"] / row["ms"]
     return rows
 
 
 def sgemm_peak(threads: int, n: int = 4096, repeats: int = 5) -> dict[str, Any]:
-    """FP32 SGEMM in torch (n x n times n x n) on ``threads`` threads: the best GFLOP/s of ``repeats``."""
+    """FP32 SGEMM in torch (n x n times n x n) on ``threads`` threads: the best GFLOP/s of
+    ``repeats``, and the process's CPU seconds per wall second over them (``cores_used``)."""
     import torch
 
     torch.set_num_threads(threads)
     a, b = torch.rand(n, n), torch.rand(n, n)
     torch.mm(a, b)
-    best = float("inf")
+    best, wall, cpu = float("inf"), 0.0, 0.0
     for _ in range(repeats):
-        start = time.perf_counter()
+        before, start = time.process_time(), time.perf_counter()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        best, wall, cpu = min(best, seconds), wall + seconds, cpu + time.process_time() - before
     return {"n": n, "threads": threads, "best_s": best, "gflop_per_s": 2 * n ** 3 / best / 1e9,
-            "measured_with": f"torch {torch.__version__} torch.mm float32"}
+            "cores_used": cpu / wall, "measured_with": f"torch {torch.__version__} torch.mm float32"}
 
 
 def _with_overrides(from_bundle: Any, max_iters: int, stop_threshold: float) -> dict[str, Any]:
@@ -232,6 +276,51 @@ def _with_overrides(from_bundle: Any, max_iters: int, stop_threshold: float) -> 
     if "gate_lr" in inspect.signature(from_bundle).parameters:
         options["gate_lr"] = float("-inf")
     return options
+
+
+def _backends() -> list[str]:
+    """The runtime backends measured: onnxruntime, and openvino where it is installed."""
+    import importlib.util
+
+    return ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    runtime, reference = row["runtime"], row.get("reference_eager_autograd")
+    line = (f"{row['setting']:>8} {row['frame']:>6} {row['backend']:>11}: {runtime['p50_ms']:8.1f} ms "
+            f"({runtime['frames_per_s']:.2f} frames/s, {runtime['iterations_per_tile']['mean']:.1f} "
+            f"iterations/tile of {runtime['iterations_per_tile']['tiles']})")
+    if reference is not None:
+        line += (f", reference {reference['p50_ms']:8.1f} ms ({reference['iterations_per_tile']['mean']:.1f}), "
+                 f"{row['speedup_vs_reference']:.2f}x")
+    print(line, flush=True)
+
+
+def measure_levers(folder: str, made: dict[str, Any], common: dict[str, Any], strides: list[int],
+                   batches: list[int], repeats: int) -> list[dict[str, Any]]:
+    """The runtime alone with the bundle's criterion at each tile stride and batch size (0: all
+    the frame's tiles in one batch), on each backend: frames/s, iterations, stop reasons."""
+    from eproj.runtime import Inspector
+
+    rows = []
+    for backend in _backends():
+        for stride in strides:
+            for batch in batches:
+                options = {**common, "backend": backend, "tile_stride": stride}
+                with Inspector.from_bundle(folder, **options) as inspector:
+                    tiles = len(inspector(made["frames"]["normal"])[0].tile_iterations)
+                    inspector.batch_size = batch or tiles
+                    for frame_name, frame in made["frames"].items():
+                        mask = made["defect"]["mask"] if frame_name == "defect" else None
+                        runtime = time_runtime(inspector, frame, repeats, mask)
+                        runtime.pop("_map")
+                        row = {"setting": "bundle", "frame": frame_name, "backend": backend,
+                               "tile_stride": inspector.tile_stride, "batch_size": inspector.batch_size,
+                               "runtime": runtime}
+                        rows.append(row)
+                        print(f"lever stride {inspector.tile_stride} batch {inspector.batch_size}: ", end="")
+                        _print_row(row)
+    return rows
 
 
 def main() -> None:
@@ -247,6 +336,9 @@ def main() -> None:
     parser.add_argument("--max-iters", type=int, default=100, help="the override rows' iteration cap")
     parser.add_argument("--stop-threshold", type=float, default=None,
                         help="the override rows' stop threshold (default: the bundle's training-set minimum of Lr)")
+    parser.add_argument("--levers", default="",
+                        help="tile strides x batch sizes measured with the bundle's criterion, runtime only, "
+                             "e.g. '64,128x16,0' (batch 0: all of a frame's tiles in one batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
@@ -260,10 +352,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     made = brick_frames(args.side, args.seed)
+    versions = {"onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__}
+    if "openvino" in _backends():
+        versions["openvino"] = __import__("openvino").get_version()
     out: dict[str, Any] = {"command": "python " + shlex.join(sys.argv),
         "machine": {"cpu": cpu_name(), "cores_visible": os.cpu_count(),
-                    "threads": args.threads, "load_average_before": load_before},
-        "reference_settings": "torch eager autograd, torch.set_num_threads(threads)",
+                    "threads": args.threads, "nice": os.nice(0), "load_average_before": load_before},
+        "versions": versions,
+        "reference_settings": "torch eager autograd, torch.set_num_threads(threads); timed once per setting and "
+                              "frame, and compared with every backend's row",
         "frame": {"side": args.side, "channels": 1, "dtype": "uint8",
                   "source": "skimage.data.brick() (512 x 512) scaled up by cubic interpolation",
                   "defect": {k: v for k, v in made["defect"].items() if k != "mask"}, "seed": args.seed},
@@ -274,8 +371,7 @@ def main() -> None:
         model = load_model(Path(folder) / manifest["weights"]["file"]).model.float().eval()
         training_min = float(manifest["lr_stats"]["min"])
         stop_threshold = training_min if args.stop_threshold is None else args.stop_threshold
-        common = {"backend": "onnxruntime", "device": "cpu", "threads": args.threads, "scale": args.scale,
-                  "tile_stride": args.tile_stride}
+        common = {"device": "cpu", "threads": args.threads, "scale": args.scale, "tile_stride": args.tile_stride}
         settings = {"bundle": {},
                     "override": _with_overrides(Inspector.from_bundle, args.max_iters, stop_threshold)}
         out["bundle"] = {"model": args.model, "input": manifest["input"], "stop_threshold": manifest["stop_threshold"],
@@ -283,50 +379,63 @@ def main() -> None:
                          "lr_training_min": training_min}
         measured: dict[str, str] = {}  # the settings' effective projection -> the setting measured with it
         for name, options in settings.items():
-            with Inspector.from_bundle(folder, **common, **options) as inspector:
-                config = inspector.config
-                effective = repr((config, getattr(inspector, "gate_lr", None)))
-                if effective in measured:  # the bundle's own criterion is the override's: measured once
-                    out["rows"] += [{**row, "setting": name, "options": dict(options), "same_as": measured[effective]}
-                                    for row in out["rows"] if row["setting"] == measured[effective]]
-                    print(f"{name:>8}: the same projection as {measured[effective]}", flush=True)
-                    continue
-                measured[effective] = name
-                for frame_name, frame in made["frames"].items():
-                    mask = made["defect"]["mask"] if frame_name == "defect" else None
-                    runtime = time_runtime(inspector, frame, args.repeats, mask)
-                    reference = time_reference(inspector, frame, args.reference_repeats, model)
-                    difference = float(np.abs(runtime.pop("_map") - reference.pop("_map")).max())
-                    row = {"setting": name, "frame": frame_name,
-                           "options": {k: v for k, v in options.items()},
-                           "projection": {"max_iters": config.max_iters, "stop_threshold": config.stop_threshold,
-                                          "energy_tol": config.energy_tol, "alpha": config.alpha, "lam": config.lam},
-                           "scale": inspector.scale, "tile_stride": inspector.tile_stride,
-                           "runtime": runtime, "reference_eager_autograd": reference,
-                           "speedup_vs_reference": reference["p50_ms"] / runtime["p50_ms"],
-                           "map_max_abs_difference_vs_reference": difference}
-                    out["rows"].append(row)
-                    print(f"{name:>8} {frame_name:>6}: runtime {runtime['p50_ms']:8.1f} ms "
-                          f"({runtime['frames_per_s']:.2f} frames/s, {runtime['iterations_per_tile']['mean']:.1f} "
-                          f"iterations/tile), reference {reference['p50_ms']:8.1f} ms "
-                          f"({reference['iterations_per_tile']['mean']:.1f}), "
-                          f"{row['speedup_vs_reference']:.2f}x", flush=True)
-        step_path = Path(folder) / manifest["graphs"]["step"]["file"]
-        flops = step_flops(step_path)
+            references: dict[str, dict[str, Any]] = {}  # frame -> the reference, timed once for every backend
+            for backend in _backends():
+                with Inspector.from_bundle(folder, backend=backend, **common, **options) as inspector:
+                    config = inspector.config
+                    effective = repr((config, getattr(inspector, "gate_lr", None)))
+                    if measured.get(effective, name) != name:  # the bundle's own criterion is the override's
+                        out["rows"] += [{**row, "setting": name, "options": dict(options),
+                                         "same_as": measured[effective]}
+                                        for row in out["rows"] if row["setting"] == measured[effective]]
+                        print(f"{name:>8}: the same projection as {measured[effective]}", flush=True)
+                        break
+                    measured[effective] = name
+                    for frame_name, frame in made["frames"].items():
+                        mask = made["defect"]["mask"] if frame_name == "defect" else None
+                        runtime = time_runtime(inspector, frame, args.repeats, mask)
+                        if frame_name not in references:
+                            references[frame_name] = time_reference(inspector, frame, args.reference_repeats, model)
+                        reference = dict(references[frame_name])
+                        difference = float(np.abs(runtime.pop("_map") - reference.pop("_map")).max())
+                        row = {"setting": name, "frame": frame_name, "backend": backend,
+                               "backend_note": inspector.backend_note,
+                               "options": {k: v for k, v in options.items()},
+                               "projection": {"max_iters": config.max_iters, "stop_threshold": config.stop_threshold,
+                                              "energy_tol": config.energy_tol, "alpha": config.alpha,
+                                              "lam": config.lam},
+                               "scale": inspector.scale, "tile_stride": inspector.tile_stride,
+                               "runtime": runtime, "reference_eager_autograd": reference,
+                               "speedup_vs_reference": reference["p50_ms"] / runtime["p50_ms"],
+                               "map_max_abs_difference_vs_reference": difference}
+                        out["rows"].append(row)
+                        _print_row(row)
+        if args.levers:
+            strides, batches = ([int(v) for v in part.split(",")] for part in args.levers.split("x"))
+            out["levers"] = measure_levers(folder, made, common, strides, batches, args.repeats)
+        step_bytes = (Path(folder) / manifest["graphs"]["step"]["file"]).read_bytes()
+        flops = step_flops(Path(folder) / manifest["graphs"]["step"]["file"])
         tiles, _, _ = to_batch(made["frames"]["normal"], manifest["input"]["size"], manifest["input"]["channels"],
                                "tile", scale=args.scale, stride=args.tile_stride)
-        steps = time_step_graph(step_path, tiles, args.threads, (1, 16), flops["per_sample"])
-    peak = sgemm_peak(args.threads)
-    for row in steps:
-        row["fraction_of_sgemm_peak"] = row["gflop_per_s"] / peak["gflop_per_s"]
+        steps = time_step_graph(step_bytes, tiles, tuple(sorted({1, args.threads})), (1, 16), flops["per_sample"])
+    peaks = {count: sgemm_peak(count) for count in sorted({row["threads"] for row in steps} | {args.threads})}
+    torch.set_num_threads(args.threads)
+    peak = peaks[args.threads]
+    for row in steps:  # against the peak on the same number of threads
+        row["fraction_of_sgemm_peak"] = row["gflop_per_s"] / peaks[row["threads"]]["gflop_per_s"]
     in_loop = []
     for row in out["rows"]:
         work = flops["per_sample"] * row["runtime"]["iterations_per_tile"]["sum"]
         seconds = row["runtime"]["stages_ms"]["iterations"] / 1e3
-        if work and seconds > 0:
-            in_loop.append({"setting": row["setting"], "frame": row["frame"], "gflop_per_s": work / seconds / 1e9,
+        if work and seconds > 0 and "same_as" not in row:
+            in_loop.append({"setting": row["setting"], "frame": row["frame"], "backend": row["backend"],
+                            "gflop_per_s": work / seconds / 1e9,
                             "fraction_of_sgemm_peak": work / seconds / 1e9 / peak["gflop_per_s"]})
     out["step"] = {"flops": flops, "graph_alone": steps, "sgemm_peak": peak,
+                   "sgemm_peak_by_threads": {str(count): value for count, value in peaks.items()},
+                   "graph_alone_note": "engines called in turn; cores_used: process CPU seconds per wall second "
+                                       "(the share of the cores this process got; other jobs share the machine); "
+                                       "fraction_of_sgemm_peak: against the SGEMM peak on the same threads",
                    "in_loop": in_loop,
                    "in_loop_note": "one step-graph pass per tile-iteration counted; the loop's stop checks and "
                                    "updates are in the same time"}
@@ -335,9 +444,11 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(text + "\n")
     for row in steps:
-        print(f"step graph batch {row['batch']}{' (denormals as zero)' if row['denormals_as_zero'] else ''}: "
-              f"{row['ms']:.2f} ms, {row['gflop_per_s']:.1f} GFLOP/s, "
-              f"{100 * row['fraction_of_sgemm_peak']:.0f}% of the {peak['gflop_per_s']:.0f} GFLOP/s SGEMM peak")
+        print(f"step graph, {row['engine']}, {row['threads']} thread(s), batch {row['batch']}: {row['ms']:.2f} ms, "
+              f"{row['gflop_per_s']:.1f} GFLOP/s, {100 * row['fraction_of_sgemm_peak']:.0f}% of the "
+              f"{peaks[row['threads']]['gflop_per_s']:.0f} GFLOP/s SGEMM peak on as many threads, "
+              f"{row['speedup_vs_onnxruntime']:.2f}x onnxruntime, "
+              f"{row['cores_used']:.2f} cores used")
     print(f"wrote {args.json}")
 
 
