@@ -13,10 +13,12 @@ and records why it passed over the others. No option is ever dropped: an option 
 named backend does not take is a ``ConfigError`` naming the option and the backend.
 
 OpenVINO comes after ONNX Runtime on the CPU because it was measured slower where
-the runtime spends its time (``benchmarks/full_frame.py``, 2 shared cores of an AMD EPYC
-with AVX-512 and no AMX, OpenVINO 2026.4 against ONNX Runtime 1.32): the runtime splits batches
-across one-thread loops, and there OpenVINO's step took 1.2-1.3x ONNX Runtime's time;
-it was faster only with two threads on one batch-16 call (1.2x).
+the runtime spends its time (``benchmarks/results/full_frame_cpu.json``: 2 shared cores
+of an AMD EPYC with AVX-512 and no AMX, OpenVINO 2026.4 against ONNX Runtime 1.32). The
+runtime splits batches across one-thread loops, and there OpenVINO's step took 1.2x ONNX
+Runtime's time (batch 1 and 16); a full 1024 x 1024 frame ran at 0.83-0.85x the frames/s
+under the bundle's stop rule and at the same frames/s at 100 iterations. OpenVINO was
+faster only with two threads on one batch-16 call (1.19x).
 """
 
 from __future__ import annotations
