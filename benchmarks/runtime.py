@@ -6,6 +6,7 @@ both sides.
 
     python benchmarks/runtime.py --json benchmarks/results/runtime_cpu.json
     python benchmarks/runtime.py --backend torch --device cuda --batches 1,32 --json benchmarks/results/runtime_cuda.json
+    python benchmarks/runtime.py --backend openvino --json /tmp/runtime_openvino.json
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> None:
         result = bench(folder, backend=args.backend, device=args.device,
                        batches=tuple(int(b) for b in args.batches.split(",")), iters=args.iters,
                        repeats=args.repeats, reference=eager_reference,
-                       threads=args.threads if args.backend == "onnxruntime" else None)
+                       threads=args.threads if args.backend in ("onnxruntime", "openvino") else None)
     result["bundle"] = f"{args.model} exported to a temporary bundle"
     text = json.dumps(result, indent=2)
     with open(args.json, "w") as f:
