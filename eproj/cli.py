@@ -314,8 +314,9 @@ def _threads_option(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 def _runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="a bundle folder (eproj export)")
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch", "tensorrt"), default="auto",
-                   help="[auto]: TensorRT, then torch on CUDA, then ONNX Runtime on the CPU")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch", "tensorrt", "openvino"), default="auto",
+                   help="[auto]: TensorRT, then torch on CUDA, then ONNX Runtime, OpenVINO (eproj[openvino]) "
+                        "and torch on the CPU")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="for onnxruntime and torch [the backend's: cuda where it can run, else cpu]")
     p.add_argument("--precision", choices=("fp32", "fp16"), default=None,

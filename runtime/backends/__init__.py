@@ -42,7 +42,18 @@ _AUTO_ORDER = {None: (("tensorrt", "cuda"), ("torch", "cuda"), ("onnxruntime", "
 
 
 def _unavailable(bundle: Bundle, backend: str, device: str, precision: str | None) -> str:
-    """Why ``backend`` on ``device`` cannot run here, found without building it ("" if it may)."""
+    """Why ``backend`` on ``device`` cannot run here, found without building it ("" if it may).
+    On cuda the loop also needs the fused CUDA kernels, which a C++-only build lacks."""
+    reason = _backend_unavailable(bundle, backend, device, precision)
+    if reason or device != "cuda":
+        return reason
+    from eproj.cpp_ext import cuda_unavailable_reason
+
+    kernels = cuda_unavailable_reason()
+    return f"the fused CUDA kernels cannot run: {kernels}" if kernels else ""
+
+
+def _backend_unavailable(bundle: Bundle, backend: str, device: str, precision: str | None) -> str:
     import importlib.util
 
     if backend == "tensorrt":

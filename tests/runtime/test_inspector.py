@@ -150,7 +150,8 @@ def test_auto_honours_the_device(bundles):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"no backend can run this bundle on cuda here: tensorrt on cuda "
                                               r"\(.*\); torch on cuda \(torch has no CUDA device\); "
-                                              r"onnxruntime on cuda \(.*CUDAExecutionProvider"):
+                                              r"onnxruntime on cuda \((.*CUDAExecutionProvider"
+                                              r"|the fused CUDA kernels cannot run)"):
             Inspector.from_bundle(folder, device="cuda")
     with pytest.raises(ConfigError, match="device must be one of"):
         Inspector.from_bundle(folder, device="gpu")
@@ -176,7 +177,8 @@ def test_auto_passes_over_backends_that_do_not_take_an_option(bundles):
     assert "tensorrt on cuda (does not take loops=1)" in inspector.backend_note
     assert "torch on cuda (does not take loops=1)" in inspector.backend_note
     with pytest.raises(ConfigError, match=r"no backend can run this bundle on cuda here: .*onnxruntime on cuda "
-                                          r"\(does not take loops=1|onnxruntime on cuda .*loops=1"):
+                                          r"\(does not take loops=1|onnxruntime on cuda .*loops=1"
+                                          r"|onnxruntime on cuda \(the fused CUDA kernels cannot run"):
         Inspector.from_bundle(bundles["l2ae"][1], device="cuda", loops=1)
 
 
@@ -414,3 +416,22 @@ def test_a_non_finite_result_fails_closed(poisoned_bundle, method):
         assert "anomaly map has 1024 NaN/Inf values of 1024" in r.reason
         assert r.mask.all()  # no pixel of it can be vouched for
         json.dumps({"score": r.score, "defect": r.defect}, allow_nan=False)  # stays valid JSON
+
+
+def test_auto_passes_over_cuda_backends_without_the_fused_cuda_kernels(bundles, monkeypatch):
+    """A C++-only build (or a machine where the CUDA kernels cannot run) never gets a CUDA backend
+    from auto, even where torch sees a GPU: the loop's update and DSSIM map need the kernels."""
+    import torch
+
+    import eproj.cpp_ext
+    from eproj.runtime import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(eproj.cpp_ext, "cuda_unavailable_reason", lambda: "built without CUDA kernels")
+    bundle = backends.Bundle.load(bundles["l2ae"][1])
+    assert backends._unavailable(bundle, "torch", "cuda", None) == \
+        "the fused CUDA kernels cannot run: built without CUDA kernels"
+    assert backends._unavailable(bundle, "torch", "cpu", None) == ""
+    inspector = Inspector.from_bundle(bundles["l2ae"][1], fit="none")
+    assert (inspector.backend.name, inspector.backend.device) == ("onnxruntime", "cpu")
+    assert "torch on cuda (the fused CUDA kernels cannot run: built without CUDA kernels)" in inspector.backend_note
