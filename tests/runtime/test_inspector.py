@@ -295,10 +295,8 @@ def test_a_defect_across_tile_borders_is_found_as_well_as_one_inside_a_tile(bric
     """The same dark spot on the same bricks, in frames cut so that it lies inside a tile,
     across the border of two tiles, and on the corner of four (of the side-by-side grid).
     With tiles half a tile apart, each is found alike: flagged, its pixels in the mask,
-    and its mean map value within 5 % of the inside one. On the frame without it the
-    blended map shows no seam: along the tile borders it is no higher than elsewhere.
-    (Whether that clean frame's verdict is "ok" is the calibration's business: the
-    shipped brick verdict still flags many normal crops, see the README's Results.)"""
+    and its mean map value at least 95 % of the inside one. On the frame without it the
+    blended map shows no seam: along the tile borders it is no higher than elsewhere."""
     from skimage import data
 
     brick = data.brick()
@@ -314,8 +312,10 @@ def test_a_defect_across_tile_borders_is_found_as_well_as_one_inside_a_tile(bric
         assert r.defect, f"{where}: score {r.score:.3f} under {inspector.score_threshold:.3f}"
         assert r.mask[inside].mean() >= 0.9, where
         found[where] = float(r.anomaly_map[inside].mean())
-    assert found["border"] == pytest.approx(found["inside"], rel=0.05)
-    assert found["corner"] == pytest.approx(found["inside"], rel=0.05)
+    # as well as inside: at least 95 % of its mean map value (tiles stopped after other step
+    # counts are put on one scale by the calibration's map_scale, so more is fine)
+    assert found["border"] >= 0.95 * found["inside"]
+    assert found["corner"] >= 0.95 * found["inside"]
     clean = inspector(brick[256:512, 64:320].copy())[0].anomaly_map
     seams = np.zeros(clean.shape, bool)
     for edge in (64, 128, 192):  # where half-overlapping 128-pixel tiles start and end
