@@ -59,8 +59,7 @@ def tile_maps(trained: TrainedModel, tiles: np.ndarray, bundle: Path, config: Pr
         for name, value in predictor_maps(g, names, config).items():
             out[name].append(value)
         out["dssim_reconstruction"].append(kernels.dssim_map(x0, np.ascontiguousarray(g.reconstruction)).map)
-        out["dssim_projection"].append(kernels.dssim_map(x0, np.ascontiguousarray(g.projection,
-                                                                                   dtype=np.float32)).map)
+        out["dssim_projection"].append(g.projection_map)  # the runtime's map, as the inspector reports it
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

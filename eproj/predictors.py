@@ -50,7 +50,9 @@ class PredictorConfig:
 @dataclass
 class Ingredients:
     """(N, C, H, W) float arrays; ``kl_grad`` None for non-variational families,
-    ``projection`` None when Proj-Rec-Error is not asked for."""
+    ``projection`` None when Proj-Rec-Error is not asked for; ``projection_map`` (N, H, W)
+    the projection's calibrated anomaly map (each tile's DSSIM map on the scale of its step
+    count, ``eproj.decision.map_factors``) where the projection was run, else None."""
 
     x0: np.ndarray
     reconstruction: np.ndarray
@@ -59,6 +61,7 @@ class Ingredients:
     projection: np.ndarray | None
     rec_weight: float
     kl_weight: float
+    projection_map: np.ndarray | None = None
 
 
 def loss_weights(family: str, beta: float, decoder_variance: float) -> tuple[float, float]:

@@ -43,7 +43,7 @@ class StepIngredients:
     def __call__(self, x0: np.ndarray, with_projection: bool = False) -> Ingredients:
         names = [o.name for o in self.session.get_outputs()]
         out = dict(zip(names, self.session.run(None, {"x": np.ascontiguousarray(x0, dtype=np.float32)})))
-        projection = None
+        projection = projection_map = None
         if with_projection:
             if self._projector is None:
                 self._projector = Inspector.from_bundle(self.bundle.folder, backend="onnxruntime", fit="none",
@@ -51,8 +51,9 @@ class StepIngredients:
                                                         **self._projection)
             results = self._projector([image.transpose(1, 2, 0) for image in x0])
             projection = np.stack([r.projection.transpose(2, 0, 1) for r in results])
+            projection_map = np.stack([r.anomaly_map for r in results])
         if "kl_grad" not in out and self.bundle.family in ("vae", "gvae"):
             raise ConfigError(f"{self.bundle.folder}: the step graph lacks kl_grad; export it again")
         return Ingredients(x0=x0, reconstruction=out["reconstruction"], rec_grad=out["grad"],
                            kl_grad=out.get("kl_grad"), projection=projection,
-                           rec_weight=self.weights[0], kl_weight=self.weights[1])
+                           rec_weight=self.weights[0], kl_weight=self.weights[1], projection_map=projection_map)

@@ -110,3 +110,26 @@ def test_threads_reach_torch_and_onnx_runtime(tiny_runs, tmp_path, monkeypatch):
         assert torch.get_num_threads() == 1 and seen == [1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_reports_projection_map_is_the_inspectors_calibrated_map(tiny_runs, tmp_path):
+    """The report scores the projection's map as the runtime reports it: each tile's DSSIM map
+    on the scale of its step count (gated tiles included), not the raw DSSIM to the projection."""
+    import numpy as np
+
+    from eproj.export.onnx_graphs import export_bundle
+    from eproj.predictor_eval import tile_maps
+    from eproj.predictors import PredictorConfig
+    from eproj.runtime import Inspector
+    from eproj.train.checkpoint import load_model
+    from eproj.train.data import load_source, to_batch
+
+    _, data, runs = tiny_runs
+    trained = load_model(runs["vae"])
+    bundle = export_bundle(trained, tmp_path / "bundle").parent
+    tiles = to_batch([s.image for s in load_source(data, size=32).test()])
+    maps = tile_maps(trained, tiles, bundle, PredictorConfig(), progress=False, threads=1)
+    with Inspector.from_bundle(bundle, backend="onnxruntime", fit="none", channel_order="rgb",
+                               threads=1) as inspector:
+        expected = np.stack([r.anomaly_map for r in inspector([t.transpose(1, 2, 0) for t in tiles])])
+    np.testing.assert_allclose(maps["dssim_projection"], expected, rtol=1e-5, atol=1e-6)
