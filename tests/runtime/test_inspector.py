@@ -114,7 +114,7 @@ def test_bad_options_and_bundles(bundles, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown projection parameter\(s\) \['alpah'\]"):
         Inspector.from_bundle(folder, backend="onnxruntime", alpah=0.1)
     with pytest.raises(ConfigError, match="backend must be one of"):
-        Inspector.from_bundle(folder, backend="openvino")
+        Inspector.from_bundle(folder, backend="openvno")
     with pytest.raises(BundleError, match="is not a bundle"):
         Inspector.from_bundle(tmp_path, backend="onnxruntime")
     old = tmp_path / "old"
