@@ -224,3 +224,15 @@ def arrays(device):
     helper = Arrays(device, eproj.cpp_ext._module if device == "sim" else None)
     yield helper
     helper.close()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors on one torch thread (two OpenMP threads spin against each other on shared
+    cores); the previous count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,13 +8,7 @@ from eproj.errors import CheckpointError, ConfigError
 from eproj.train import perceptual as P
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (two OpenMP threads spin against each other on the shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _has_efficientnet_package() -> bool:

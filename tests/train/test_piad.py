@@ -11,13 +11,7 @@ from eproj.train.perceptual import FeatureStats, build_feature_network, relative
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (two OpenMP threads spin against each other on the shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------- ranges and shapes
 
