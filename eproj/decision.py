@@ -10,10 +10,10 @@ in model.pt, ``"decision"`` in a bundle's manifest) and how it is applied:
   times this scale (the projection's pixel threshold over the reconstruction's),
   so its mask is exactly the reconstruction method's mask (fail closed: a tile the
   loop never moved is judged by what was computed, never reported clean by default).
-- ``gate_lr``: the zero-iteration gate; a tile whose Lr(x0) is at most this is
-  finished at iteration 0: it keeps the first update, which the network pass at x0
-  has paid for, and takes no further pass (one pass, like a tile stopped at x0, but
-  its map DSSIM(x0, x1) is evidence, not zeros).
+- ``gate_lr``: the zero-iteration gate (None: none); a tile whose Lr(x0) is at most
+  this is finished at iteration 0 and takes no step, like a tile under the stop
+  threshold at x0: it costs one forward pass (f(x0) and Lr(x0), no gradient) and is
+  judged by its reconstruction's map, scaled as above.
 - ``map_scale``: per step count t, the factor of a tile's map (t = 0: of its
   reconstruction map): the map of an iterate grows with t, and the factors put every
   tile's map on one scale (the normal validation images' quantile at each t maps to the

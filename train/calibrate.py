@@ -8,14 +8,15 @@ Everything here is chosen on held-out validation data, never on test images:
 
   * ``training-min``: stop when Lr falls under the training-set minimum, at most
     100 iterations (the paper's rule; unseen normal images rarely reach it);
-  * ``validation``: the zero-iteration gate at the largest Lr(x0) of the normal
-    validation images (a tile already as well explained as they are keeps the first
-    update and takes no further step), a stop threshold at the Lr that normal
-    validation images reach after k iterations (or the training minimum), and an
-    iteration cap; k and the cap are chosen among ``RULE_GRID`` as the cheapest
-    setting whose pixel AUROC and AUPRO on validation images with synthetic defects
-    stay within ``QUALITY_SLACK`` of the training-min rule, with at most
-    ``NORMAL_ITERATIONS`` on normal images (else the best quality among those);
+  * ``validation``: optionally the zero-iteration gate at the largest Lr(x0) of the
+    normal validation images (a tile already as well explained as they are takes no
+    step and is judged by its reconstruction's map: one forward pass), a stop threshold
+    at the Lr that normal validation images reach after k iterations (or the training
+    minimum), and an iteration cap; k, the cap and the gate (on or off) are chosen among
+    ``RULE_GRID`` as the cheapest setting whose pixel AUROC and AUPRO on validation
+    images with synthetic defects stay within ``QUALITY_SLACK`` of the 100-iteration
+    projection (``FULL_RULE``: no stop, no gate), with at most ``NORMAL_ITERATIONS`` on
+    normal images (else the best quality among those);
 
 - segmentation thresholds per method and map kind: a quantile (0.99 by default)
   of the anomaly-map values on normal validation images;
@@ -61,6 +62,7 @@ CAP = 100  # the iteration cap of the training-min rule and the longest trajecto
 # after k iterations (k None: at the training minimum), at most cap iterations
 RULE_GRID = tuple((k, cap) for k in (1, 3, 10, 30, None) for cap in (10, 20, 30, 50, 100))
 DEFAULT_RULE = (10, 100)
+FULL_RULE = "100 iterations"  # the quality reference: every sample takes CAP steps, no stop, no gate
 DEFAULT_IMAGE_SCORE = "rec_error_max"
 QUALITY_SLACK = 0.005
 NORMAL_ITERATIONS = 3.0
@@ -143,13 +145,13 @@ def trajectories(model: Autoencoder, images: np.ndarray, config: ProjectionConfi
 def stop_times(lr: np.ndarray, threshold: float | None, cap: int, gate: float | None) -> np.ndarray:
     """The iterations each sample takes under a rule, from its unstopped Lr (N, T+1), as
     ``project`` takes them: the first t with Lr <= threshold, at most ``cap``; with a gate, a
-    sample finished at x0 (Lr(x0) <= gate, or under the threshold) keeps the first update (1)."""
+    sample with Lr(x0) <= gate takes no step (0), like one under the threshold at x0."""
     times = np.full(len(lr), cap)
     if threshold is not None:
         hit = lr[:, :cap + 1] <= threshold
         times = np.where(hit.any(axis=1), hit.argmax(axis=1), cap)
     if gate is not None and cap > 0:
-        times = np.where((lr[:, 0] <= gate) | (times == 0), 1, times)
+        times = np.where(lr[:, 0] <= gate, 0, times)
     return times
 
 
@@ -191,15 +193,18 @@ def _projection_threshold(dssim: np.ndarray, times: np.ndarray, quantile: float)
 
 def choose_rule(lr: np.ndarray, iterates: np.ndarray, images: np.ndarray, masks: np.ndarray, normal: np.ndarray,
                 recon_dssim: np.ndarray, train_min: float, levels: np.ndarray) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Evaluate the training-min rule and every ``RULE_GRID`` rule on the validation images
+    """Evaluate the 100-iteration projection, the training-min rule and every ``RULE_GRID``
+    rule, with and without the gate, on the validation images
     (``normal`` (N,) bool marks the normal ones; ``masks`` (N, S, S) the defects) and pick the
     validation rule. Returns the chosen rule's entry and every rule's entry (settings and
     validation figures)."""
     gate = float(lr[normal, 0].max())
-    candidates = [("training-min", train_min, CAP, None, None)]
+    candidates = [(FULL_RULE, None, CAP, None, None), ("training-min", train_min, CAP, None, None)]
     for k, cap in RULE_GRID:
         threshold = train_min if k is None else float(np.median(lr[normal, k]))
-        candidates.append((f"k={k} cap={cap}", threshold, cap, gate, k))
+        for gated in (gate, None):
+            candidates.append((f"k={k} cap={cap}" + ("" if gated is not None else " no gate"), threshold, cap,
+                               gated, k))
     has_defects = bool((~normal).any())
     table, cache = [], {}
     for name, threshold, cap, gated, k in candidates:
@@ -217,10 +222,10 @@ def choose_rule(lr: np.ndarray, iterates: np.ndarray, images: np.ndarray, masks:
                       "mean_iterations_normal": float(times[normal].mean()),
                       "mean_iterations_defective": float(times[~normal].mean()) if has_defects else None,
                       **cache[key]})
-    reference = table[0]
-    rules = table[1:]
+    reference = table[0]  # the 100-iteration projection
+    rules = table[2:]
     if not has_defects:
-        chosen = next(r for r in rules if (r["k"], r["max_iters"]) == DEFAULT_RULE)
+        chosen = next(r for r in rules if (r["k"], r["max_iters"]) == DEFAULT_RULE and r["gate_lr"] is not None)
         return chosen, table
 
     def good(r: dict[str, Any]) -> bool:

@@ -20,11 +20,11 @@ changing, or at the iteration cap; a stopped sample no longer changes.
 
 The zero-iteration gate (``gate_threshold``) is loop logic on top of the stop
 check: a sample whose Lr at x0 is at most the gate (or the stop threshold) is
-finished at iteration 0 (stop reason "gate"). It keeps the first update, which the step at x0 has already
-paid for, and takes no further step: it costs one pass of the network like a sample
-stopped at x0, but its projection x1 is not x0, so DSSIM(x0, x1) is evidence, not
-the all-zero map of a sample that never moved. (A sample that stops at x0 on the
-stop threshold is judged by its reconstruction map instead: ``eproj.decision``.)
+finished at iteration 0 (stop reason "gate") and takes no step: its projection is x0,
+so it needs f(x0) and Lr(x0) only, one forward pass of the network and no gradient
+(the runtime runs its forward graph for it). Like every sample that took no step,
+it is judged by its reconstruction's map DSSIM(x0, f(x0)), scaled
+(``eproj.decision``), never by the all-zero DSSIM(x0, x0).
 """
 
 from __future__ import annotations
@@ -223,8 +223,8 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
         mask: for ``weighting="mask"``, Omega of shape (N, 1 or C, H, W), 1 where
             pixels may change and 0 where they are known; required there, refused otherwise.
         gate_threshold: samples whose Lr(x0) is at most this, or at most the stop threshold,
-            stop after the first update, with no further step (reason "gate"); None disables
-            the gate (a sample under the stop threshold at x0 then takes no step at all).
+            take no step (reason "gate"); None disables the gate (a sample under the stop
+            threshold at x0 then takes no step either, with reason "threshold").
     Returns:
         a ProjectionResult.
     """
@@ -254,14 +254,12 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
             state = stop_check(loss, (x - x0).abs().flatten(1).sum(dim=1), iterations, state, config)
             if t == 0 and gate_threshold is not None and config.max_iters > 0:
                 # finished at x0: under the gate, or under the stop threshold (every sample is active
-                # before the first check); they keep the first update, which the step at x0 paid for
+                # before the first check, which recorded Lr(x0) as final); they take no step
                 gated = ~state.active | (loss <= gate_threshold)
-                state.active = state.active | gated
+                state.active = state.active & ~gated
             if t == config.max_iters or not bool(state.active.any()):
                 break
             step = update_step(x, x0, reconstruction, grad_lr, loss, state.active, iterations, config, mask, m, v)
             x, m, v, iterations = step.x, step.m, step.v, step.iterations
-            if t == 0:
-                state.active = state.active & ~gated
     reasons = [GATE_REASON if g else STOP_REASON_CODES[code] for g, code in zip(gated.tolist(), state.reason.tolist())]
     return ProjectionResult(x, iterations, state.final_loss, state.final_energy, reasons)

@@ -1,0 +1,46 @@
+"""The stop rules the calibration simulates from unstopped trajectories."""
+
+import numpy as np
+
+from eproj.train.calibrate import CAP, FULL_RULE, RULE_GRID, choose_rule, stop_times
+
+
+def test_stop_times_follow_the_rule_and_the_gate():
+    lr = np.array([[5.0, 4.0, 3.0, 2.0],    # under 3.5 after 2 steps
+                   [1.0, 1.0, 1.0, 1.0],    # under the threshold at x0
+                   [9.0, 8.0, 7.0, 6.0],    # never under: the cap
+                   [2.5, 9.0, 9.0, 9.0]])   # under the gate at x0, over the threshold
+    assert stop_times(lr, 3.5, 3, None).tolist() == [2, 0, 3, 0]
+    assert stop_times(lr, 2.0, 3, None).tolist() == [3, 0, 3, 3]
+    # a gated sample takes no step, like one under the threshold at x0
+    assert stop_times(lr, 2.0, 3, 2.5).tolist() == [3, 0, 3, 0]
+    assert stop_times(lr, None, 3, None).tolist() == [3, 3, 3, 3]
+    assert stop_times(lr, None, 0, 100.0).tolist() == [0, 0, 0, 0]
+
+
+def test_the_rule_choice_is_held_to_the_100_iteration_projection():
+    rng = np.random.default_rng(0)
+    n, size = 8, 16
+    images = rng.random((n, 1, size, size)).astype(np.float32)
+    normal = np.arange(n) < 4
+    masks = np.zeros((n, size, size), bool)
+    masks[~normal, 4:9, 4:9] = True
+    images[~normal, :, 4:9, 4:9] = 1.0
+    # iterates drift linearly from x0 toward 0.5 in the defect region; Lr falls with t
+    t = np.arange(CAP + 1)
+    iterates = np.repeat(images[:, None], CAP + 1, axis=1).astype(np.float16)
+    for i in np.nonzero(~normal)[0]:
+        iterates[i, :, :, 4:9, 4:9] = (1.0 - 0.5 * np.minimum(t, 10) / 10)[:, None, None, None]
+    lr = np.where(normal[:, None], 1.0 / (1 + t), 5.0 / (1 + t))
+    recon_dssim = rng.random((n, size, size)).astype(np.float32) * 0.01
+    chosen, table = choose_rule(lr, iterates, images, masks, normal, recon_dssim, train_min=0.02,
+                                levels=np.ones(CAP + 1))
+    assert table[0]["rule"] == FULL_RULE and table[0]["mean_iterations"] == CAP and table[0]["gate_lr"] is None
+    assert table[1]["rule"] == "training-min"
+    assert len(table) == 2 + 2 * len(RULE_GRID)
+    gates = {r["gate_lr"] for r in table[2:]}
+    assert gates == {None, float(lr[normal, 0].max())}
+    # normal samples are all under the gate at x0: no step at all under a gated rule
+    assert all(r["mean_iterations_normal"] == 0 for r in table[2:] if r["gate_lr"] is not None)
+    assert chosen in table[2:]
+    assert chosen["pixel_auroc"] >= table[0]["pixel_auroc"] - 0.005 and chosen["aupro"] >= table[0]["aupro"] - 0.005
