@@ -302,6 +302,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from eproj.train.piad_calibrate import is_piad_file
+
+    if is_piad_file(args.run):
+        return _cmd_export_piad(args)
     from eproj.export.onnx_graphs import export_bundle
 
     ensemble = None
@@ -325,6 +329,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_piad(args: argparse.Namespace) -> int:
+    from eproj.errors import ConfigError
+    from eproj.export.piad_onnx import export_piad_bundle
+
+    if args.fp16 or args.ensemble:
+        raise ConfigError(f"{'--fp16' if args.fp16 else '--ensemble'} is for the projection's bundles; a PIAD "
+                          f"bundle holds its reconstruct and score graphs in float32")
+    manifest = export_piad_bundle(args.run, args.out, opset=args.opset)
+    parity = json.loads(manifest.read_text())["parity"]["max_difference"]
+    print(f"wrote {manifest}; ONNX Runtime against PyTorch, max difference: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()))
+    return 0
+
+
 def _cmd_build_engine(args: argparse.Namespace) -> int:
     from eproj.export.tensorrt import build_engines
 
@@ -335,6 +353,10 @@ def _cmd_build_engine(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from eproj.runtime.piad import cmd_run_piad, is_piad_bundle
+
+    if is_piad_bundle(args.bundle):
+        return cmd_run_piad(args)
     from eproj.runtime.cli import cmd_run
 
     return cmd_run(args)

@@ -10,7 +10,9 @@ graphs and a manifest:
 
 so A(x) = score(x, reconstruct(x)) (Eq. 1). The DSSIM map of x against its reconstruction is
 ``eproj.cpp_ext.dssim_map``. ``PIADDecision`` is the verdict a PIAD calibration stores
-(``eproj.train.piad_calibrate``); the reference evaluation uses it as well.
+(``eproj.train.piad_calibrate``); the reference evaluation uses it as well. ``PIADInspector``
+scores frames; ``cmd_run_piad`` is ``eproj run`` with a PIAD bundle (the projection's
+``Inspector`` does not take PIAD bundles).
 
 NumPy and OpenCV only; ONNX Runtime is loaded when a ``PIADInspector`` is made.
 """
@@ -18,7 +20,9 @@ NumPy and OpenCV only; ONNX Runtime is loaded when a ``PIADInspector`` is made.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +78,11 @@ class PIADDecision:
 
 @dataclass
 class PIADResult:
-    """One frame: ``score`` A(x) (the max over tiles), ``maps`` name -> (H, W) float32,
-    ``reconstruction`` (H, W, C) float32, ``mask`` (H, W) bool (the decision map over its
-    threshold), ``defect`` and ``reason`` (``PIADDecision.verdict``)."""
+    """One frame: ``score`` A(x) (the max over its tiles), ``maps`` name -> (H, W) float32 at the
+    frame's size, ``reconstruction`` (H, W, C) float32 (model channel order), ``mask`` (H, W) bool
+    (the decision map over its threshold), ``defect`` and ``reason`` (``PIADDecision.verdict``);
+    ``failed``, ``iterations``, ``stop_reasons`` and ``timings`` (ms) as ``eproj run`` records them
+    (PIAD takes no projection step)."""
 
     score: float
     maps: dict[str, np.ndarray]
@@ -84,17 +90,29 @@ class PIADResult:
     mask: np.ndarray
     defect: bool
     reason: str
+    failed: bool = False
+    iterations: int = 0
+    stop_reasons: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Channels:
+    channels: int
 
 
 class PIADInspector:
     """Score frames with a PIAD bundle on ONNX Runtime (CPU).
 
-    A frame (H, W, C) float32 in [0, 1], at least the model size on each side, is cut into
-    tiles of that size side by side (``eproj.tiles``; a frame of the model size is one tile), each tile is reconstructed,
-    scored and mapped, and the maps are stitched back. ``threads``: ONNX Runtime's intra-op
-    threads (0: its default)."""
+    Frames as ``eproj.runtime.frames`` takes them (uint8, uint16 or float in [0, 1]; one frame or
+    a list; colour in ``channel_order``) meet the model size as the model was trained (the
+    manifest's ``input``: fit "tile" at the working scale, tiles side by side as evaluation and
+    calibration cut them; fit "resize": resized). Each tile is reconstructed, scored and mapped;
+    a frame's score is its largest tile's, its maps are stitched and brought back to its size.
+    ``threads``: ONNX Runtime's intra-op threads (0: its default). Usable by ``eproj run``
+    (``cmd_run_piad``): ``bundle.channels``, ``backend_note``, a context manager."""
 
-    def __init__(self, bundle: str | Path, threads: int = 0) -> None:
+    def __init__(self, bundle: str | Path, threads: int = 0, channel_order: str = "rgb") -> None:
         self.folder = Path(bundle)
         manifest_path = self.folder / "manifest.json"
         try:
@@ -105,6 +123,11 @@ class PIADInspector:
             raise BundleError(f"{manifest_path} is not a PIAD bundle (format {self.manifest.get('format')!r}, "
                               f"expected {PIAD_BUNDLE_FORMAT!r})")
         self.size, self.channels = int(self.manifest["size"]), int(self.manifest["channels"])
+        self.bundle = _Channels(self.channels)
+        self.channel_order = channel_order
+        record = self.manifest.get("input") or {}
+        self.fit = record.get("fit") or "resize"
+        self.scale = float(record.get("scale") or 1.0)
         self.decision = PIADDecision.from_dict(self.manifest["decision"])
         self.thresholds = {k: float(v) for k, v in self.manifest["segmentation"].items()}
         try:
@@ -118,6 +141,13 @@ class PIADInspector:
         self.sessions = {name: ort.InferenceSession(str(self.folder / self.manifest["graphs"][name]), options,
                                                     providers=["CPUExecutionProvider"])
                          for name in ("reconstruct", "score")}
+        self.backend_note = f"PIAD bundle {self.folder} on ONNX Runtime (CPU), fit {self.fit}"
+
+    def __enter__(self) -> "PIADInspector":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sessions.clear()
 
     def tiles(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Tiles (T, C, S, S) float32 in [0, 1] -> ``reconstruction`` (T, C, S, S), ``score`` (T,),
@@ -134,22 +164,62 @@ class PIADInspector:
         dssim = cpp_ext.dssim_map(x, np.ascontiguousarray(y, np.float32)).map
         return {"reconstruction": y, "score": score, "feature": feature, "dssim": np.asarray(dssim)}
 
-    def __call__(self, frame: np.ndarray) -> PIADResult:
-        from eproj.tiles import tile, untile
+    def __call__(self, frames: Any) -> list[PIADResult]:
+        from eproj.runtime.frames import stitch, to_batch, to_frame
 
-        frame = np.asarray(frame, np.float32)
-        if frame.ndim == 2:
-            frame = frame[:, :, None]
-        if frame.ndim != 3 or frame.shape[2] != self.channels:
-            raise ConfigError(f"a frame must be (H, W, {self.channels}), got {frame.shape}")
-        h, w = frame.shape[:2]
-        if h < self.size or w < self.size:
-            raise ConfigError(f"a frame must be at least the model size {self.size} on each side, got {h} x {w}")
-        parts = np.ascontiguousarray(np.stack(tile(frame, self.size)).transpose(0, 3, 1, 2))
-        out = self.tiles(parts)
-        maps = {name: untile(out[name], (h, w)) for name in PIAD_MAPS}
-        reconstruction = untile(out["reconstruction"].transpose(0, 2, 3, 1), (h, w))
-        mask = maps[self.decision.map] > self.decision.pixel_threshold
-        score = float(np.max(out["score"]))
-        defect, reason = self.decision.verdict(score, mask, tile_std(parts))
-        return PIADResult(score, maps, reconstruction, mask, defect, reason)
+        start = time.perf_counter()
+        x, layouts, _ = to_batch(frames, self.size, self.channels, self.fit, self.channel_order,
+                                 scale=self.scale, stride=self.size)
+        out = self.tiles(x)
+        std = tile_std(x)
+        ms = 1e3 * (time.perf_counter() - start) / len(layouts)
+        results = []
+        for layout in layouts:
+            rows = slice(layout.start, layout.start + layout.count)
+            maps = {name: to_frame(out[name], layout, self.fit) for name in PIAD_MAPS}
+            reconstruction = to_frame(out["reconstruction"].transpose(0, 2, 3, 1), layout, self.fit)
+            score = float(np.max(out["score"][rows]))
+            # the region test at model resolution (min_region_area counts model pixels), as calibrated
+            decision_map = (stitch(out[self.decision.map], layout) if self.fit == "tile"
+                            else out[self.decision.map][layout.start])
+            defect, reason = self.decision.verdict(score, decision_map > self.decision.pixel_threshold, std[rows])
+            mask = maps[self.decision.map] > self.decision.pixel_threshold
+            results.append(PIADResult(score, maps, reconstruction, mask, defect, reason, timings={"total": ms}))
+        return results
+
+
+# eproj run's options a PIAD bundle has no use for, with the value that means "not set"
+RUN_DEFAULTS = {"backend": "auto", "device": None, "precision": None, "method": "projection", "fit": None,
+                "max_iters": None, "alpha": None, "lam": None, "step": None, "weighting": None,
+                "energy_tol": None, "stop_threshold": None, "stop_rule": None}
+
+
+def cmd_run_piad(args: Any) -> int:
+    """``eproj run`` with a PIAD bundle: every frame of ``--source`` through a ``PIADInspector``,
+    written as ``eproj.runtime.cli.run_stream`` writes (masks/, overlays/, results.jsonl)."""
+    from eproj.runtime.cli import RESULTS, prepare_out, run_stream, summary
+    from eproj.runtime.sources import check_spec
+
+    unused = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, default in RUN_DEFAULTS.items()
+              if getattr(args, name, default) not in (default, None)]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} do not apply to a PIAD bundle (ONNX Runtime on the CPU, "
+                          f"the fit it was trained with, no projection); drop them")
+    check_spec(args.source)
+    out = Path(args.out)
+    prepare_out(out)
+    with PIADInspector(args.bundle, threads=args.threads or 0, channel_order="bgr") as inspector:
+        print(f"eproj run: {inspector.backend_note}", file=sys.stderr)
+        counts = run_stream(inspector, args.source, out, show=args.show, max_frames=args.max_frames,  # type: ignore[arg-type]
+                            restart=args.restart, max_pixels=args.max_pixels,
+                            first_frame_timeout=args.first_frame_timeout)
+    print(f"{summary(counts)}; wrote {out / RESULTS}, masks and overlays")
+    return 0
+
+
+def is_piad_bundle(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a PIAD bundle's manifest."""
+    try:
+        return json.loads((Path(folder) / "manifest.json").read_text()).get("format") == PIAD_BUNDLE_FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
