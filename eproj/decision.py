@@ -13,7 +13,10 @@ in model.pt, ``"decision"`` in a bundle's manifest) and how it is applied:
 - ``gate_lr``: the zero-iteration gate (None: none); a tile whose Lr(x0) is at most
   this is finished at iteration 0 and takes no step, like a tile under the stop
   threshold at x0: it costs one forward pass (f(x0) and Lr(x0), no gradient) and is
-  judged by its reconstruction's map, scaled as above.
+  judged by its reconstruction's map, scaled as above. ``gate_rec_error`` (None: none):
+  the gate also requires the largest pixel of the tile's reconstruction error
+  (x0 - f(x0))^2 (channel mean) to be at most this, so a tile with a small defect its
+  Lr(x0) hides still goes on to the projection.
 - ``map_scale``: per step count t, the factor of a tile's map (t = 0: of its
   reconstruction map): the map of an iterate grows with t, and the factors put every
   tile's map on one scale (the normal validation images' quantile at each t maps to the
@@ -106,6 +109,7 @@ class Decision:
     zero_iteration_map_scale: float = 1.0
     gate_lr: float | None = None
     map_scale: tuple[float, ...] | None = None
+    gate_rec_error: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, score_threshold: float) -> "Decision":
@@ -119,10 +123,12 @@ class Decision:
         gate = values.get("gate_lr")
         area = values.get("min_region_area")
         scale = values.get("map_scale")
+        gate_rec = values.get("gate_rec_error")
         return cls(values["image_score"], float(values["score_threshold"]),
                    None if area is None else int(area), values.get("frame_range"),
                    float(values.get("zero_iteration_map_scale", 1.0)), None if gate is None else float(gate),
-                   None if scale is None else tuple(float(v) for v in scale))
+                   None if scale is None else tuple(float(v) for v in scale),
+                   None if gate_rec is None else float(gate_rec))
 
     def frame_statistics(self, lr0: np.ndarray, dssim: np.ndarray, x0_std: np.ndarray) -> dict[str, float]:
         """The frame-level statistics of one frame's T tiles (``FRAME_STATISTICS``: Lr(x0), the

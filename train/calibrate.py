@@ -8,9 +8,10 @@ Everything here is chosen on held-out validation data, never on test images:
 
   * ``training-min``: stop when Lr falls under the training-set minimum, at most
     100 iterations (the paper's rule; unseen normal images rarely reach it);
-  * ``validation``: optionally the zero-iteration gate at the largest Lr(x0) of the
-    normal validation images (a tile already as well explained as they are takes no
-    step and is judged by its reconstruction's map: one forward pass), a stop threshold
+  * ``validation``: optionally the zero-iteration gate at the largest Lr(x0) and the
+    largest reconstruction-error pixel of the normal validation images (a tile already
+    as well explained as they are, everywhere, takes no step and is judged by its
+    reconstruction's map: one forward pass), a stop threshold
     at the Lr that normal validation images reach after k iterations (or the training
     minimum), and an iteration cap; k, the cap and the gate (on or off) are chosen among
     ``RULE_GRID`` as the cheapest setting whose pixel AUROC and AUPRO on validation
@@ -142,16 +143,23 @@ def trajectories(model: Autoencoder, images: np.ndarray, config: ProjectionConfi
     return lr, iterates, reconstructions
 
 
-def stop_times(lr: np.ndarray, threshold: float | None, cap: int, gate: float | None) -> np.ndarray:
+def stop_times(lr: np.ndarray, threshold: float | None, cap: int, gate: float | None,
+               rec_max: np.ndarray | None = None, gate_rec: float | None = None) -> np.ndarray:
     """The iterations each sample takes under a rule, from its unstopped Lr (N, T+1), as
     ``project`` takes them: the first t with Lr <= threshold, at most ``cap``; with a gate, a
-    sample with Lr(x0) <= gate takes no step (0), like one under the threshold at x0."""
+    sample with Lr(x0) <= gate (and, with ``gate_rec``, its reconstruction error's largest
+    pixel ``rec_max`` (N,) <= gate_rec) takes no step (0), like one under the threshold at x0."""
     times = np.full(len(lr), cap)
     if threshold is not None:
         hit = lr[:, :cap + 1] <= threshold
         times = np.where(hit.any(axis=1), hit.argmax(axis=1), cap)
     if gate is not None and cap > 0:
-        times = np.where(lr[:, 0] <= gate, 0, times)
+        passed = lr[:, 0] <= gate
+        if gate_rec is not None:
+            if rec_max is None:
+                raise ValueError("a gate on the reconstruction error needs rec_max")
+            passed &= rec_max <= gate_rec
+        times = np.where(passed, 0, times)
     return times
 
 
@@ -192,23 +200,26 @@ def _projection_threshold(dssim: np.ndarray, times: np.ndarray, quantile: float)
 
 
 def choose_rule(lr: np.ndarray, iterates: np.ndarray, images: np.ndarray, masks: np.ndarray, normal: np.ndarray,
-                recon_dssim: np.ndarray, train_min: float, levels: np.ndarray) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                recon_dssim: np.ndarray, train_min: float, levels: np.ndarray,
+                rec_max: np.ndarray | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate the 100-iteration projection, the training-min rule and every ``RULE_GRID``
     rule, with and without the gate, on the validation images
     (``normal`` (N,) bool marks the normal ones; ``masks`` (N, S, S) the defects) and pick the
-    validation rule. Returns the chosen rule's entry and every rule's entry (settings and
-    validation figures)."""
+    validation rule. The gate passes the tiles whose Lr(x0) and, with ``rec_max`` (N,), whose
+    reconstruction error's largest pixel are both at most those of every normal validation image.
+    Returns the chosen rule's entry and every rule's entry (settings and validation figures)."""
     gate = float(lr[normal, 0].max())
-    candidates = [(FULL_RULE, None, CAP, None, None), ("training-min", train_min, CAP, None, None)]
+    gate_rec = None if rec_max is None else float(rec_max[normal].max())
+    candidates = [(FULL_RULE, None, CAP, None, None, None), ("training-min", train_min, CAP, None, None, None)]
     for k, cap in RULE_GRID:
         threshold = train_min if k is None else float(np.median(lr[normal, k]))
         for gated in (gate, None):
             candidates.append((f"k={k} cap={cap}" + ("" if gated is not None else " no gate"), threshold, cap,
-                               gated, k))
+                               gated, None if gated is None else gate_rec, k))
     has_defects = bool((~normal).any())
     table, cache = [], {}
-    for name, threshold, cap, gated, k in candidates:
-        times = stop_times(lr, threshold, cap, gated)
+    for name, threshold, cap, gated, gated_rec, k in candidates:
+        times = stop_times(lr, threshold, cap, gated, rec_max, gated_rec)
         ungated = stop_times(lr, threshold, cap, None)
         key = tuple(times) + tuple(ungated)
         if key not in cache:
@@ -218,6 +229,7 @@ def choose_rule(lr: np.ndarray, iterates: np.ndarray, images: np.ndarray, masks:
                      "aupro": aupro(list(maps), list(masks), 0.3) if has_defects else None}
             cache[key] = entry
         table.append({"rule": name, "k": k, "stop_threshold": threshold, "max_iters": cap, "gate_lr": gated,
+                      "gate_rec_error": gated_rec,
                       "mean_iterations": float(times.mean()),
                       "mean_iterations_normal": float(times[normal].mean()),
                       "mean_iterations_defective": float(times[~normal].mean()) if has_defects else None,
@@ -267,10 +279,13 @@ def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConf
              "l2": float(np.quantile(recon_l2[normal], quantile)),
              "score": float(np.quantile(recon_dssim[normal].reshape(normal.sum(), -1).max(axis=1), quantile))}
     levels = normal_quantiles(images[normal], iterates[normal], recon_dssim[normal], quantile)
-    chosen, table = choose_rule(lr, iterates, images, masks, normal, recon_dssim, stats["min"], levels)
+    rec_max = rec_error.reshape(len(images), -1).max(axis=1)
+    chosen, table = choose_rule(lr, iterates, images, masks, normal, recon_dssim, stats["min"], levels, rec_max)
     rules = {"validation": {"stop_threshold": chosen["stop_threshold"], "max_iters": chosen["max_iters"],
-                            "gate_lr": chosen["gate_lr"], "k": chosen["k"]},
-             "training-min": {"stop_threshold": stats["min"], "max_iters": CAP, "gate_lr": None}}
+                            "gate_lr": chosen["gate_lr"], "gate_rec_error": chosen["gate_rec_error"],
+                            "k": chosen["k"]},
+             "training-min": {"stop_threshold": stats["min"], "max_iters": CAP, "gate_lr": None,
+                              "gate_rec_error": None}}
     for rule in rules.values():
         rule.update(rule_calibration(rule, lr, iterates, images, normal, recon, recon_dssim, rec_error, levels,
                                      quantile, train_normal))
@@ -300,7 +315,9 @@ def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray,
     training data is normal, not unlike it); it bounds Lr(x0) and the pixels' standard
     deviation (a uniform frame falls below it), not the map's mean, whose low values only say
     that a tile is well explained."""
-    times = stop_times(lr, rule["stop_threshold"], rule["max_iters"], rule["gate_lr"])
+    rec_max = rec_error.reshape(len(images), -1).max(axis=1)
+    times = stop_times(lr, rule["stop_threshold"], rule["max_iters"], rule["gate_lr"], rec_max,
+                       rule.get("gate_rec_error"))
     ungated = stop_times(lr, rule["stop_threshold"], rule["max_iters"], None)
     plain_dssim, plain_l2 = _maps_at(images[normal], iterates[normal], ungated[normal])
     moved = ungated[normal] > 0
@@ -330,6 +347,7 @@ def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray,
         "zero_iteration_map_scale": float(scale[0]),
         "map_scale": [float(v) for v in scale],
         "gate_lr": rule["gate_lr"],
+        "gate_rec_error": rule.get("gate_rec_error"),
     }
     return {"segmentation": segmentation, "decision": decision}
 

@@ -18,7 +18,8 @@ clamps to the value range. Each sample stops on its own, when Lr falls to the
 stop threshold (the model's calibrated one by default), when its energy stops
 changing, or at the iteration cap; a stopped sample no longer changes.
 
-The zero-iteration gate (``gate_threshold``) is loop logic on top of the stop
+The zero-iteration gate (``gate_threshold``, optionally with ``gate_rec_error`` on the
+reconstruction error's largest pixel) is loop logic on top of the stop
 check: a sample whose Lr at x0 is at most the gate (or the stop threshold) is
 finished at iteration 0 (stop reason "gate") and takes no step: its projection is x0,
 so it needs f(x0) and Lr(x0) only, one forward pass of the network and no gradient
@@ -199,6 +200,17 @@ def stop_check(loss: torch.Tensor, distance: torch.Tensor, iterations: torch.Ten
                      torch.where(active, energy, state.final_energy))
 
 
+def passes_gate(lr0: torch.Tensor, x0: torch.Tensor, reconstruction: torch.Tensor, gate_lr: float,
+                gate_rec_error: float | None) -> torch.Tensor:
+    """(N,) bool: Lr(x0) <= gate_lr and, with ``gate_rec_error``, the largest pixel of the
+    channel-mean squared reconstruction error at most it (``eproj.decision.rec_error_map``)."""
+    passed = lr0 <= gate_lr
+    if gate_rec_error is not None:
+        worst = ((x0 - reconstruction) ** 2).mean(dim=1).flatten(1).amax(dim=1)
+        passed = passed & (worst <= gate_rec_error)
+    return passed
+
+
 @contextmanager
 def _frozen(model: Autoencoder) -> Iterator[None]:
     """Parameters need no gradient while projecting (saves the weight-gradient work)."""
@@ -213,7 +225,8 @@ def _frozen(model: Autoencoder) -> Iterator[None]:
 
 
 def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = ProjectionConfig(),
-            mask: torch.Tensor | None = None, gate_threshold: float | None = None) -> ProjectionResult:
+            mask: torch.Tensor | None = None, gate_threshold: float | None = None,
+            gate_rec_error: float | None = None) -> ProjectionResult:
     """Project a batch onto the model's normal manifold.
 
     Args:
@@ -225,6 +238,8 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
         gate_threshold: samples whose Lr(x0) is at most this, or at most the stop threshold,
             take no step (reason "gate"); None disables the gate (a sample under the stop
             threshold at x0 then takes no step either, with reason "threshold").
+        gate_rec_error: with the gate, a sample passes it only if also the largest pixel of its
+            reconstruction error (x0 - f(x0))^2 (channel mean) is at most this (None: Lr alone).
     Returns:
         a ProjectionResult.
     """
@@ -255,7 +270,7 @@ def project(model: Autoencoder, x0: torch.Tensor, config: ProjectionConfig = Pro
             if t == 0 and gate_threshold is not None and config.max_iters > 0:
                 # finished at x0: under the gate, or under the stop threshold (every sample is active
                 # before the first check, which recorded Lr(x0) as final); they take no step
-                gated = ~state.active | (loss <= gate_threshold)
+                gated = ~state.active | passes_gate(loss, x0, reconstruction, gate_threshold, gate_rec_error)
                 state.active = state.active & ~gated
             if t == config.max_iters or not bool(state.active.any()):
                 break

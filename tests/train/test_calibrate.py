@@ -16,6 +16,10 @@ def test_stop_times_follow_the_rule_and_the_gate():
     assert stop_times(lr, 2.0, 3, 2.5).tolist() == [3, 0, 3, 0]
     assert stop_times(lr, None, 3, None).tolist() == [3, 3, 3, 3]
     assert stop_times(lr, None, 0, 100.0).tolist() == [0, 0, 0, 0]
+    # the gate on the reconstruction error's largest pixel too: both bounds must hold
+    rec_max = np.array([0.1, 0.1, 0.1, 0.9])
+    assert stop_times(lr, 2.0, 3, 2.5, rec_max, 0.5).tolist() == [3, 0, 3, 3]
+    assert stop_times(lr, 2.0, 3, 9.0, rec_max, 0.5).tolist() == [0, 0, 0, 3]
 
 
 def test_the_rule_choice_is_held_to_the_100_iteration_projection():
@@ -33,13 +37,15 @@ def test_the_rule_choice_is_held_to_the_100_iteration_projection():
         iterates[i, :, :, 4:9, 4:9] = (1.0 - 0.5 * np.minimum(t, 10) / 10)[:, None, None, None]
     lr = np.where(normal[:, None], 1.0 / (1 + t), 5.0 / (1 + t))
     recon_dssim = rng.random((n, size, size)).astype(np.float32) * 0.01
+    rec_max = np.where(normal, 0.1, 0.8)  # the defects show in the reconstruction error
     chosen, table = choose_rule(lr, iterates, images, masks, normal, recon_dssim, train_min=0.02,
-                                levels=np.ones(CAP + 1))
+                                levels=np.ones(CAP + 1), rec_max=rec_max)
     assert table[0]["rule"] == FULL_RULE and table[0]["mean_iterations"] == CAP and table[0]["gate_lr"] is None
     assert table[1]["rule"] == "training-min"
     assert len(table) == 2 + 2 * len(RULE_GRID)
     gates = {r["gate_lr"] for r in table[2:]}
     assert gates == {None, float(lr[normal, 0].max())}
+    assert {r["gate_rec_error"] for r in table[2:] if r["gate_lr"] is not None} == {0.1}
     # normal samples are all under the gate at x0: no step at all under a gated rule
     assert all(r["mean_iterations_normal"] == 0 for r in table[2:] if r["gate_lr"] is not None)
     assert chosen in table[2:]

@@ -97,6 +97,14 @@ def test_the_zero_iteration_gate(tiny_model):
     assert not torch.equal(plain.projection[0], x0[0])  # without the gate it would have moved
     torch.testing.assert_close(plain.projection[1:], gated.projection[1:])
     assert project(model, x0, config, gate_threshold=None).stop_reason == ["max_iters"] * 3
+    # with a bound on the reconstruction error's largest pixel, a sample must pass both
+    worst = ((x0 - model(x0).detach()) ** 2).mean(dim=1).flatten(1).amax(dim=1)
+    assert worst[0] < worst[1:].min()
+    loose = project(model, x0, config, gate_threshold=1e9, gate_rec_error=float(worst[0]) * 1.01)
+    assert loose.stop_reason == ["gate", "max_iters", "max_iters"]
+    torch.testing.assert_close(loose.projection, gated.projection)
+    tight = project(model, x0, config, gate_threshold=gate, gate_rec_error=float(worst[0]) * 0.99)
+    assert tight.stop_reason == ["max_iters"] * 3
     # under the stop threshold at x0 a gated run finishes the sample at x0 too, as "gate"
     stopped = project(model, x0, config.with_(stop_threshold=gate), gate_threshold=-1.0)
     assert stopped.stop_reason[0] == "gate" and stopped.iterations.tolist() == [0, 4, 4]
