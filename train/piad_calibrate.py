@@ -281,17 +281,25 @@ def save_piad_maps(results: list[dict[str, Any]], decision: PIADDecision, folder
             raise DataError(f"cannot write {folder / (name + '_mask.png')}")
 
 
-def evaluate_piad(trained: TrainedPIAD, data: str | None = None, maps_dir: Path | None = None) -> dict[str, Any]:
+def evaluate_piad(trained: TrainedPIAD, data: str | None = None, maps_dir: Path | None = None,
+                  test_size: int | None = None) -> dict[str, Any]:
     """Image AUROC of A(x) (the paper's protocol: the score of every test image against its
     label) and of each ablation score, and every pixel metric of each map, on the test split of
     ``data`` (default the model's training data). The JSON shape follows ``eproj eval``'s:
     ``metrics`` map kind -> ``eproj.train.metrics.all_metrics`` (its image AUROC: A(x)),
     ``metrics["image_scores"]`` score -> image AUROC, and per-image rows. ``maps_dir``: also
-    write each image's decision map and mask there (``save_piad_maps``)."""
+    write each image's decision map and mask there (``save_piad_maps``). ``test_size``: draw the
+    test split at this crop size (tiled data; default the model's), e.g. the size the other
+    families were tested at, so that every model meets the same test crops."""
     data = data or trained.train.get("data")
     if not data:
         raise ConfigError(f"{trained.path} does not record its training data; pass --data")
-    source = load_source(data, size=trained.config.size, fit=recorded_fit(trained.train))
+    fit = recorded_fit(trained.train)
+    size = test_size or trained.config.size
+    if size != trained.config.size and (fit != "tile" or size < trained.config.size):
+        raise ConfigError(f"a test split drawn at size {size} is for tiled data and sizes of at least the model's "
+                          f"{trained.config.size}; {trained.path} was trained with fit {fit}")
+    source = load_source(data, size=size, fit=fit)
     if source.channels != trained.config.channels:
         raise DataError(f"{data} has {source.channels}-channel images; the model expects {trained.config.channels}")
     results = piad_on_samples(trained, source.test())
@@ -308,7 +316,7 @@ def evaluate_piad(trained: TrainedPIAD, data: str | None = None, maps_dir: Path 
     metrics["verdict"] = {"tpr": float(flagged[labels == 1].mean()) if (labels == 1).any() else None,
                           "fpr": float(flagged[labels == 0].mean()) if (labels == 0).any() else None}
     return {"model": str(trained.path), "family": "piad", "data": data, "method": "reconstruction",
-            "image_score": PIAD_SCORE, "step": trained.step, "features": trained.features,
+            "test_size": size, "image_score": PIAD_SCORE, "step": trained.step, "features": trained.features,
             "metrics": metrics,
             "images": [{"name": r["sample"].name, "defect": r["sample"].defect, "label": r["sample"].label,
                         "score": r["scores"][PIAD_SCORE], "scores": r["scores"], "flagged": r["defect"],

@@ -1,0 +1,49 @@
+"""reports/piad/make_report.py: PIAD's report (image AUROC, pixel metrics per map, the score
+ablation) on a tiny PIAD run, beside rows of another report."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "reports" / "piad" / "make_report.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_piad_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_report_evaluates_piad_beside_other_models(tmp_path):
+    from eproj.errors import ConfigError
+    from eproj.train.piad import PIADTrainConfig
+    from eproj.train.piad_networks import PIADConfig
+    from eproj.train.piad_run import run_piad
+
+    path = run_piad(tmp_path / "grass-piad", "textures:grass", PIADConfig(size=16, channels=1, width=4, latent=4),
+                    PIADTrainConfig(steps=2, batch=4, n_dis=1, stats_images=16), progress=False)
+    other = {"results": [{"model": "eproj/models/grass-l2ae.pt", "family": "l2ae", "data": "textures:grass",
+                          "train": {"steps": 12000}, "test_images": 48, "defective_images": 37,
+                          "metrics": {"dssim_projection": {"pixel_auroc": 0.6, "aupro_0.3": 0.5,
+                                                           "image_auroc": 0.7}}}]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    report = _script()
+    assert report.main([str(path), "--out", str(tmp_path / "report"), "--shipped", str(tmp_path / "other.json")]) == 0
+    payload = json.loads((tmp_path / "report" / "report.json").read_text())
+    result, = payload["results"]
+    assert set(result["image_auroc"]) == set(report.ABLATION) and set(result["maps"]) == set(report.PIAD_MAPS)
+    assert all(0 <= v <= 1 for v in result["image_auroc"].values())
+    assert result["test_size"] == 128 and result["step"] == 2 and result["test_images"] == 48
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert text.index("### Image AUROC") < text.index("### Pixel metrics") < text.index("### Ablation")
+    assert "grass-l2ae — l2ae, 12000 steps (shipped) | max of DSSIM proj. | 0.700 |" in text
+    assert payload["command"].startswith(".venv/bin/python reports/piad/make_report.py")
+    # rows tested on another split are refused
+    other["results"][0]["defective_images"] = 30
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="tested on 48 images \\(30 defective\\), this split has 48 \\(37\\)"):
+        report.main([str(path), "--out", str(tmp_path / "r2"), "--shipped", str(tmp_path / "other.json")])
