@@ -210,7 +210,7 @@ def cmd_run_piad(args: Any) -> int:
     prepare_out(out)
     with PIADInspector(args.bundle, threads=args.threads or 0, channel_order="bgr") as inspector:
         print(f"eproj run: {inspector.backend_note}", file=sys.stderr)
-        counts = run_stream(inspector, args.source, out, show=args.show, max_frames=args.max_frames,  # type: ignore[arg-type]
+        counts = run_stream(inspector, args.source, out, show=args.show, max_frames=args.max_frames,
                             restart=args.restart, max_pixels=args.max_pixels,
                             first_frame_timeout=args.first_frame_timeout)
     print(f"{summary(counts)}; wrote {out / RESULTS}, masks and overlays")

@@ -127,7 +127,8 @@ def markdown(results: list[dict[str, Any]], shipped: list[dict[str, Any]], comma
                   "| model | " + " | ".join(ABLATION.values()) + " |", "| --- |" + " --- |" * len(ABLATION)]
         for r in rows:
             lines.append(f"| {_piad_label(r)} | " + " | ".join(_cell(r["image_auroc"][k]) for k in ABLATION) + " |")
-        lines += ["", "### PIAD's calibrated verdict on the test crops\n", "| model | TPR | FPR |", "| --- | --- | --- |"]
+        lines += ["", "### PIAD's calibrated verdict on the test crops\n", "| model | TPR | FPR |",
+                  "| --- | --- | --- |"]
         for r in rows:
             lines.append(f"| {_piad_label(r)} | {_cell(r['verdict']['tpr'])} | {_cell(r['verdict']['fpr'])} |")
         lines.append("")
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help=f"PIAD model.pt files [{', '.join(DEFAULT_RUNS)} that exist]")
     parser.add_argument("--out", default=str(HERE), help="folder for report.json and report.md [reports/piad]")
-    parser.add_argument("--shipped", default=SHIPPED, help=f"the report.json the shipped models' rows come from [{SHIPPED}]")
+    parser.add_argument("--shipped", default=SHIPPED,
+                        help=f"the report.json the other models' rows come from [{SHIPPED}]")
     parser.add_argument("--test-size", type=int, default=128,
                         help="crop size the test split is drawn at (the shipped models' input size) [128]")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")

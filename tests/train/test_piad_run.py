@@ -154,3 +154,14 @@ def test_evaluate_piad_needs_data(run):
     trained.train = {}
     with pytest.raises(ConfigError, match="does not record its training data"):
         evaluate_piad(trained)
+
+
+def test_float16_weights_are_calibrated_as_shipped(tmp_path):
+    out = tmp_path / "half"
+    assert main(["--threads", "1", "train", *TINY, "--steps", "1", "--weights", "float16", "--out", str(out)]) == 0
+    payload = torch.load(out / "model.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in payload["encoder"].values())
+    trained = load_piad_model(out)
+    normal, _, _ = validation_sets(load_source("textures:grass", size=16, seed=0, fit="tile"))
+    assert trained.calibration["score_threshold"] == pytest.approx(
+        np.quantile(trained.outputs(normal)["rel_perc_l1"], 0.99), rel=1e-6)
