@@ -7,7 +7,7 @@
 - ``score.onnx``: x, y (N, C, S, S) -> ``score`` (N,) = ||f~(x) - f~(y)||_1 / ||f~(x)||_1 and
   ``feature_map`` (N, S, S) = |f~(x) - f~(y)| summed over channels, bilinearly upsampled
   (f~ = (f - mu) / sigma: the feature network with mu and sigma folded into the graph);
-- ``manifest.json``: format ``eproj.runtime.piad.PIAD_BUNDLE_FORMAT``, the model size and
+- ``manifest.json``: format ``eproj.piad_decision.PIAD_BUNDLE_FORMAT``, the model size and
   channels, the graphs, the calibration's thresholds and verdict, the feature record, and the
   parity of each graph against PyTorch (``parity``: max absolute difference, ONNX Runtime).
 
@@ -33,7 +33,7 @@ from torch import nn
 from eproj import __version__
 from eproj.errors import ConfigError
 from eproj.files import write_atomic
-from eproj.runtime.piad import PIAD_BUNDLE_FORMAT
+from eproj.piad_decision import PIAD_BUNDLE_FORMAT
 from eproj.train.perceptual import FeatureStats
 from eproj.train.piad_calibrate import TrainedPIAD, load_piad_model
 from eproj.train.piad_networks import PIAD

@@ -9,8 +9,8 @@ graphs and a manifest:
   ``feature_map`` (N, S, S) = |f~(x) - f~(y)| summed over channels, bilinearly upsampled;
 
 so A(x) = score(x, reconstruct(x)) (Eq. 1). The DSSIM map of x against its reconstruction is
-``eproj.cpp_ext.dssim_map``. ``PIADDecision`` is the verdict a PIAD calibration stores
-(``eproj.train.piad_calibrate``); the reference evaluation uses it as well. ``PIADInspector``
+``eproj.cpp_ext.dssim_map``; the verdict is ``eproj.piad_decision.PIADDecision``, the one the
+calibration stores and the reference evaluation applies. ``PIADInspector``
 scores frames; ``cmd_run_piad`` is ``eproj run`` with a PIAD bundle (the projection's
 ``Inspector`` does not take PIAD bundles).
 
@@ -28,53 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from eproj.decision import UNLIKE_NORMAL, largest_region, outside, tile_std
+from eproj.decision import tile_std
 from eproj.errors import BundleError, ConfigError
-
-PIAD_BUNDLE_FORMAT = "eproj-piad-bundle"
-PIAD_MAPS = ("feature", "dssim")  # the pixel maps; ``feature`` decides the mask
-
-
-@dataclass(frozen=True)
-class PIADDecision:
-    """A PIAD calibration's ``decision``: the image score A(x) against ``score_threshold``
-    (a frame's score is the largest of its tiles'), the mask of the ``map`` ("feature" or
-    "dssim") against ``pixel_threshold`` and its largest region against ``min_region_area``,
-    and ``frame_range`` (statistic -> [low, high]; here the tiles' pixel std, ``x0_std``)."""
-
-    score_threshold: float
-    pixel_threshold: float
-    map: str = "feature"
-    min_region_area: int | None = None
-    frame_range: dict[str, list[float | None]] | None = None
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PIADDecision":
-        if values.get("map", "feature") not in PIAD_MAPS:
-            raise ConfigError(f"PIAD decision map must be one of {PIAD_MAPS}, got {values.get('map')!r}")
-        area = values.get("min_region_area")
-        return cls(float(values["score_threshold"]), float(values["pixel_threshold"]), values.get("map", "feature"),
-                   None if area is None else int(area), values.get("frame_range"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"score_threshold": self.score_threshold, "pixel_threshold": self.pixel_threshold, "map": self.map,
-                "min_region_area": self.min_region_area, "frame_range": self.frame_range}
-
-    def verdict(self, score: float, mask: np.ndarray, x0_std: np.ndarray) -> tuple[bool, str]:
-        """(defect, reason) of one frame: its score (the max over its tiles), its (H, W) bool mask
-        and its tiles' pixel std (T,). Outside the frame range first (reason "unlike any normal
-        frame"), then a mask region of ``min_region_area`` pixels or more ("region"), then the
-        score over the threshold ("score"); a NaN score counts as over. Reason "" when normal."""
-        std = np.asarray(x0_std, np.float64)
-        bounds = (self.frame_range or {}).get("x0_std")
-        if bounds is not None and std.size and any(outside(float(v), bounds) for v in (std.min(), std.max())):
-            return True, UNLIKE_NORMAL
-        if self.min_region_area is not None and largest_region(mask) >= self.min_region_area:
-            return True, "region"
-        if not score <= self.score_threshold:
-            return True, "score"
-        return False, ""
-
+from eproj.piad_decision import PIAD_BUNDLE_FORMAT, PIAD_MAPS, PIADDecision
 
 @dataclass
 class PIADResult:

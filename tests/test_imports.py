@@ -34,7 +34,7 @@ def test_nothing_imports_a_stage_by_its_bare_name():
 # shared modules of eproj/ serve every stage; the face (the command line and the
 # orchestration that spans stages) may import anything. Tests and benchmarks may too.
 SHARED = {"eproj", "eproj.config", "eproj.errors", "eproj.files", "eproj.bundle", "eproj.tiles",
-          "eproj.predictors", "eproj.engines", "eproj.decision"}
+          "eproj.predictors", "eproj.engines", "eproj.decision", "eproj.piad_decision"}
 FACE = {"eproj.cli", "eproj.demo", "eproj.report", "eproj.predictor_eval", "eproj.benchmarking"}
 ALLOWED = {
     "shared": {"shared"},

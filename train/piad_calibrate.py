@@ -34,7 +34,7 @@ from torch import nn
 
 from eproj.decision import frame_range, largest_region, tile_std
 from eproj.errors import CheckpointError, ConfigError, DataError
-from eproj.runtime.piad import PIAD_MAPS, PIADDecision
+from eproj.piad_decision import PIAD_MAPS, PIADDecision
 from eproj.train.calibrate import RANGE_MARGIN, validation_sets
 from eproj.train.checkpoint import FORMAT_VERSION, load_payload, save_atomic
 from eproj.train.data import DataSource, TestSample, load_source, recorded_fit, tile, to_batch, untile

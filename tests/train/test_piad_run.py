@@ -9,7 +9,8 @@ import torch
 
 from eproj.cli import main
 from eproj.errors import CheckpointError, ConfigError
-from eproj.runtime.piad import UNLIKE_NORMAL, PIADDecision
+from eproj.decision import UNLIKE_NORMAL
+from eproj.piad_decision import PIADDecision
 from eproj.train.calibrate import validation_sets
 from eproj.train.data import load_source
 from eproj.train.perceptual import FeatureStats, build_feature_network, feature_distance_map, relative_perceptual_l1
