@@ -150,7 +150,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-PIAD_ONLY_OPTIONS = ("perceptual", "perceptual_weights", "perceptual_tap", "n_dis")
+PIAD_ONLY_OPTIONS = ("perceptual", "perceptual_weights", "perceptual_tap", "n_dis", "reconstruction_loss")
 # options of the autoencoder families PIAD has no use for (its own recipe is eproj.train.piad)
 PIAD_REFUSED_OPTIONS = ("arch", "beta", "decoder_variance", "lr", "kl_warmup", "regime", "corruption", "fgsm_eps",
                         "weight_decay", "adv_weight")
@@ -175,7 +175,8 @@ def _cmd_train_piad(args: argparse.Namespace) -> int:
     config = PIADConfig(size=size, channels=args.channels or _data_channels(args.data, size),
                         **_given(width=args.width, latent=args.latent))
     train = PIADTrainConfig(**_given(steps=args.steps, batch=args.batch, n_dis=args.n_dis, seed=args.seed,
-                                     checkpoint_every=args.checkpoint_every))
+                                     checkpoint_every=args.checkpoint_every,
+                                     reconstruction_loss=args.reconstruction_loss))
     out = run_piad(args.out, args.data, config, train, perceptual=perceptual,
                    perceptual_weights=args.perceptual_weights, tap=tap, fit=args.fit,
                    weights=args.weights or "float32", calibrate_after=not args.no_calibrate)
@@ -473,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="piad: the feature layer [stage3 for efficientnet-lite0; relu4_2 for vgg19]")
     p.add_argument("--n-dis", type=_positive_int, default=None,
                    help="piad: critic steps per generator step [2, the paper's]")
+    p.add_argument("--reconstruction-loss", choices=("rel_perc_l1", "perc_l1", "perc", "l2"), default=None,
+                   help="piad: the reconstruction loss, also the model's score; the others are the paper's "
+                        "ablation (Table 3) [rel_perc_l1]")
     # Options left unset keep the defaults of ModelConfig and TrainConfig (the values in brackets),
     # so that `eproj train` and `eproj demo --train` cannot drift apart.
     p.add_argument("--beta", type=_finite_float, default=None, help="KL weight of the vae family [1; 1 = VAE]")

@@ -113,6 +113,9 @@ def export_piad_bundle(model_path: str | Path, out: str | Path, opset: int = DEF
     """Write the PIAD bundle of ``model_path`` (a PIAD model.pt or its run folder) into ``out``;
     returns the manifest's path. ConfigError when a graph misses ``PARITY_TOLERANCE``."""
     trained = load_piad_model(model_path)
+    if trained.score != "rel_perc_l1":
+        raise ConfigError(f"{trained.path} is scored by {trained.score} (an ablation model); the bundle's score "
+                          f"graph computes A(x) = rel_perc_l1. Evaluate it with eproj eval")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     size, channels = trained.config.size, trained.config.channels

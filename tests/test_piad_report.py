@@ -41,6 +41,8 @@ def test_the_report_evaluates_piad_beside_other_models(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert text.index("### Image AUROC") < text.index("### Pixel metrics") < text.index("### Ablation")
     assert "grass-l2ae — l2ae, 12000 steps (shipped) | max of DSSIM proj. | 0.700 |" in text
+    ablation = next(line for line in text.splitlines() if "| rel_perc_l1 |" in line)
+    assert ablation.endswith(" * |")  # the model's own loss, the last column
     assert payload["command"].startswith(".venv/bin/python reports/piad/make_report.py")
     # rows tested on another split are refused
     other["results"][0]["defective_images"] = 30

@@ -443,6 +443,35 @@ def relative_perceptual_l1(network: nn.Module, stats: FeatureStats, x: torch.Ten
                                            normalized_features(network, stats, y))
 
 
+# the reconstruction distances of the ablation (paper §4.2, Table 3 right), one value per sample:
+# the paper's loss and score first
+RECONSTRUCTION_LOSSES = ("rel_perc_l1", "perc_l1", "perc", "l2")
+
+
+def feature_distances(fx: torch.Tensor, fy: torch.Tensor, stats: FeatureStats) -> dict[str, torch.Tensor]:
+    """The feature-level distances of the ablation from raw features fx, fy (N, C, h, w), each (N,):
+    ``rel_perc_l1`` = ||f~x - f~y||_1 / ||f~x||_1 (Eq. 4), ``perc_l1`` = mean |f~x - f~y| (mu/sigma
+    normalisation and L1, no division) and ``perc`` = mean (fx - fy)^2 (the perceptual loss: raw
+    features, MSE); f~ = (f - mu) / sigma."""
+    mean, std = stats.mean.view(1, -1, 1, 1).to(fx), stats.std.view(1, -1, 1, 1).to(fx)
+    nx, ny = (fx - mean) / std, (fy - mean) / std
+    return {"rel_perc_l1": relative_perceptual_l1_features(nx, ny), "perc_l1": (nx - ny).abs().flatten(1).mean(1),
+            "perc": ((fx - fy) ** 2).flatten(1).mean(1)}
+
+
+def reconstruction_distance(kind: str, network: nn.Module, stats: FeatureStats, x: torch.Tensor,
+                            y: torch.Tensor) -> torch.Tensor:
+    """One of ``RECONSTRUCTION_LOSSES`` between images x (the reference) and y, (N, C, H, W) in
+    [0, 1] -> (N,); ``l2`` = mean (x - y)^2 over the pixels (no feature network)."""
+    if kind not in RECONSTRUCTION_LOSSES:
+        raise ConfigError(f"reconstruction loss must be one of {RECONSTRUCTION_LOSSES}, got {kind!r}")
+    if kind == "l2":
+        return ((x - y) ** 2).flatten(1).mean(1)
+    if kind == "rel_perc_l1":
+        return relative_perceptual_l1(network, stats, x, y)
+    return feature_distances(network(x), network(y), stats)[kind]
+
+
 def feature_distance_map(network: nn.Module, stats: FeatureStats, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """|f~(x) - f~(y)| summed over channels, bilinearly upsampled to x's size: (N, H, W)."""
     d = (normalized_features(network, stats, x) - normalized_features(network, stats, y)).abs().sum(1, keepdim=True)

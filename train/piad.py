@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from eproj.errors import CheckpointError, ConfigError, DataError
 from eproj.train.checkpoint import FORMAT_VERSION, load_payload, save_atomic
-from eproj.train.perceptual import FeatureStats, measure_feature_stats, relative_perceptual_l1
+from eproj.train.perceptual import RECONSTRUCTION_LOSSES, FeatureStats, measure_feature_stats, reconstruction_distance
 from eproj.train.piad_networks import (LEAK, PIAD, Critics, Encoder, Generator, ImageCritic, LatentCritic,  # noqa: F401
                                        MinibatchStddev, PIADConfig, PreActBlock, anomaly_score, from_model_range,
                                        kaiming_init, to_model_range)
@@ -61,6 +61,9 @@ class PIADTrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     stats_images: int = 256  # training images mu and sigma of the features are measured on
+    # the reconstruction term (``eproj.train.perceptual.RECONSTRUCTION_LOSSES``): the paper's
+    # rel_perc_l1, or another of its ablation (§4.2), which then is the model's score too
+    reconstruction_loss: str = "rel_perc_l1"
 
     def __post_init__(self) -> None:
         for name in ("batch", "n_dis", "n_weight", "history_size", "checkpoint_every", "stats_images"):
@@ -79,6 +82,9 @@ class PIADTrainConfig:
                               f"{self.drift_weight}")
         if not 0 < self.smoothing <= 1:
             raise ConfigError(f"smoothing must be in (0, 1], got {self.smoothing}")
+        if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
+            raise ConfigError(f"reconstruction loss must be one of {RECONSTRUCTION_LOSSES}, got "
+                              f"{self.reconstruction_loss!r}")
         if self.gamma_reduction not in GAMMA_REDUCTIONS:
             raise ConfigError(f"gamma reduction must be one of {GAMMA_REDUCTIONS}, got {self.gamma_reduction!r}")
 
@@ -257,7 +263,8 @@ def training_step(state: PIADState, feature_network: nn.Module, batches: list[to
     code = E(x)
     adv_G = -D_X(G(z)).mean()  # Eq. 6 without its first term, constant in G
     adv_E = -D_Z(code).mean()  # the same for E and D_Z
-    rec = relative_perceptual_l1(feature_network, state.stats, x01, from_model_range(G(code))).mean()  # Eq. 7
+    rec = reconstruction_distance(train.reconstruction_loss, feature_network, state.stats, x01,
+                                  from_model_range(G(code))).mean()  # Eq. 7 (rel_perc_l1)
     if step % train.n_weight == 0:
         for key, loss, network in (("adv_G", adv_G, G), ("adv_E", adv_E, E), ("rec", rec, None)):
             state.opt_generator.zero_grad(set_to_none=True)
@@ -338,8 +345,9 @@ def _resume(path: Path, config: PIADConfig, train: PIADTrainConfig, features: di
         raise CheckpointError(f"{path} was trained with {payload.get('config')}; this run asks for "
                               f"{config.to_dict()}. Use the same options to resume, or another run folder")
     stored = payload.get("train", {})
-    changed = [f"{k} {stored.get(k)!r} (now {v!r})" for k, v in train.to_dict().items()
-               if k not in RESUME_MAY_CHANGE and stored.get(k) != v]
+    defaults = PIADTrainConfig().to_dict()  # a field newer than the checkpoint: it trained with the default
+    changed = [f"{k} {stored.get(k, defaults[k])!r} (now {v!r})" for k, v in train.to_dict().items()
+               if k not in RESUME_MAY_CHANGE and stored.get(k, defaults[k]) != v]
     if changed:
         raise CheckpointError(f"{path} was trained with {', '.join(changed)}; a resumed run keeps these "
                               f"(only {', '.join(RESUME_MAY_CHANGE)} may change)")

@@ -40,13 +40,14 @@ from eproj.train.checkpoint import FORMAT_VERSION, load_payload, save_atomic
 from eproj.train.data import DataSource, TestSample, load_source, recorded_fit, tile, to_batch, untile
 from eproj.train.losses import dssim_map
 from eproj.train.metrics import all_metrics, aupro, image_auroc, pixel_auroc
-from eproj.train.perceptual import FeatureStats, build_feature_network, feature_record
+from eproj.train.perceptual import (RECONSTRUCTION_LOSSES, FeatureStats, build_feature_network, feature_distances,
+                                    feature_record, reconstruction_distance)
 from eproj.train.piad import PIAD_CHECKPOINT_FORMAT, piad_from_checkpoint
 from eproj.train.piad_networks import PIAD, PIADConfig
 
 PIAD_MODEL_FORMAT = "eproj-piad-model"
-PIAD_SCORES = ("rel_perc_l1", "perc_l1", "perc", "l2")  # the paper's score first, then the ablation's
-PIAD_SCORE = "rel_perc_l1"
+PIAD_SCORES = RECONSTRUCTION_LOSSES  # the paper's score first, then the ablation's
+PIAD_SCORE = "rel_perc_l1"  # A(x); a model trained with another loss of the ablation is scored by it
 
 
 # --------------------------------------------------------------------------------------
@@ -67,12 +68,10 @@ def piad_outputs(model: PIAD, network: nn.Module, stats: FeatureStats, images: n
         fx, fy = network(x), network(y)
         if fx.shape[1] != mean.shape[1]:
             raise ConfigError(f"feature statistics have {mean.shape[1]} channels, the network gives {fx.shape[1]}")
-        nx, ny = (fx - mean) / std, (fy - mean) / std
-        diff = (nx - ny).abs()
-        out["rel_perc_l1"].append((diff.flatten(1).sum(1) / nx.abs().flatten(1).sum(1).clamp_min(1e-12)).double())
-        out["perc_l1"].append(diff.flatten(1).mean(1).double())
-        out["perc"].append(((fx - fy) ** 2).flatten(1).mean(1).double())
-        out["l2"].append(((x - y) ** 2).flatten(1).mean(1).double())
+        for name, value in feature_distances(fx, fy, stats).items():
+            out[name].append(value.double())
+        out["l2"].append(reconstruction_distance("l2", network, stats, x, y).double())
+        diff = ((fx - mean) / std - (fy - mean) / std).abs()
         out["feature"].append(F.interpolate(diff.sum(1, keepdim=True), size=x.shape[-2:], mode="bilinear",
                                             align_corners=False)[:, 0])
         out["dssim"].append(dssim_map(x, y))
@@ -113,6 +112,11 @@ class TrainedPIAD:
     @property
     def config(self) -> PIADConfig:
         return self.model.config
+
+    @property
+    def score(self) -> str:
+        """The image score of the verdict (one of ``PIAD_SCORES``)."""
+        return str(self.calibration.get("score", PIAD_SCORE))
 
     @property
     def decision(self) -> PIADDecision:
@@ -164,7 +168,8 @@ def write_piad_model(run_dir: str | Path, data: str | None = None, progress: boo
         raise DataError(f"{source.spec} has {source.channels}-channel images; the model has {model.config.channels}")
     if progress:
         print(f"calibrate piad: scoring the validation images of {source.spec}")
-    calibration = calibrate_piad(model, network, stats, source)
+    calibration = calibrate_piad(model, network, stats, source,
+                                 score=payload["train"].get("reconstruction_loss", PIAD_SCORE))
     out = run_dir / "model.pt"
     save_atomic({"format": PIAD_MODEL_FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict(),
                  "train": {**payload["train"], **record}, "step": step, "features": features,
@@ -208,12 +213,13 @@ def _map_metrics(maps: np.ndarray, masks: np.ndarray) -> dict[str, float | None]
 
 
 def calibrate_piad(model: PIAD, network: nn.Module, stats: FeatureStats, source: DataSource,
-                   quantile: float = 0.99, n_train: int = 256) -> dict[str, Any]:
-    """The calibration dict of a PIAD model.pt (see the module docstring)."""
+                   quantile: float = 0.99, n_train: int = 256, score: str = PIAD_SCORE) -> dict[str, Any]:
+    """The calibration dict of a PIAD model.pt (see the module docstring); ``score``: the image
+    score of the verdict, A(x) = rel_perc_l1 or the reconstruction loss the model was trained with."""
     normal, defects, masks = validation_sets(source)
     out_n = piad_outputs(model, network, stats, normal)
     segmentation = {name: float(np.quantile(out_n[name], quantile)) for name in PIAD_MAPS}
-    score_threshold = float(np.quantile(out_n[PIAD_SCORE], quantile))
+    score_threshold = float(np.quantile(out_n[score], quantile))
     decision_map = "feature"
     area = max(largest_region(m > segmentation[decision_map]) for m in out_n[decision_map]) + 1
     train_std = tile_std(source.train_sample(n_train, seed=12345))
@@ -228,7 +234,7 @@ def calibrate_piad(model: PIAD, network: nn.Module, stats: FeatureStats, source:
         all_masks = np.concatenate([np.zeros((len(normal),) + masks.shape[1:], bool), masks])
         validation["maps"] = {name: _map_metrics(np.concatenate([out_n[name], out_d[name]]), all_masks)
                               for name in PIAD_MAPS}
-    return {"family": "piad", "quantile": quantile, "score": PIAD_SCORE, "score_threshold": score_threshold,
+    return {"family": "piad", "quantile": quantile, "score": score, "score_threshold": score_threshold,
             "segmentation": segmentation, "decision": decision.to_dict(), "input": source.input_record(),
             "validation_images": len(normal), "validation_defect_images": len(defects),
             "validation": validation,
@@ -262,7 +268,7 @@ def piad_on_samples(trained: TrainedPIAD, samples: list[TestSample]) -> list[dic
         idx = np.nonzero(owners_arr == i)[0]
         maps = {name: untile(out[name][idx], s.image.shape[:2]) for name in PIAD_MAPS}
         scores = {name: float(out[name][idx].max()) for name in PIAD_SCORES}
-        defect, reason = decision.verdict(scores[PIAD_SCORE], maps[decision.map] > decision.pixel_threshold,
+        defect, reason = decision.verdict(scores[trained.score], maps[decision.map] > decision.pixel_threshold,
                                           std[idx])
         results.append({"sample": s, "scores": scores, "maps": maps, "defect": defect, "reason": reason})
     return results
@@ -286,7 +292,7 @@ def evaluate_piad(trained: TrainedPIAD, data: str | None = None, maps_dir: Path 
     """Image AUROC of A(x) (the paper's protocol: the score of every test image against its
     label) and of each ablation score, and every pixel metric of each map, on the test split of
     ``data`` (default the model's training data). The JSON shape follows ``eproj eval``'s:
-    ``metrics`` map kind -> ``eproj.train.metrics.all_metrics`` (its image AUROC: A(x)),
+    ``metrics`` map kind -> ``eproj.train.metrics.all_metrics`` (its image AUROC: the model's score),
     ``metrics["image_scores"]`` score -> image AUROC, and per-image rows. ``maps_dir``: also
     write each image's decision map and mask there (``save_piad_maps``). ``test_size``: draw the
     test split at this crop size (tiled data; default the model's), e.g. the size the other
@@ -307,7 +313,7 @@ def evaluate_piad(trained: TrainedPIAD, data: str | None = None, maps_dir: Path 
         save_piad_maps(results, trained.decision, maps_dir)
     labels = np.array([r["sample"].label for r in results])
     masks = [r["sample"].mask for r in results]
-    score = np.array([r["scores"][PIAD_SCORE] for r in results])
+    score = np.array([r["scores"][trained.score] for r in results])
     metrics: dict[str, Any] = {name: all_metrics([r["maps"][name] for r in results], masks, score, labels,
                                                  trained.calibration["segmentation"][name]) for name in PIAD_MAPS}
     metrics["image_scores"] = {name: image_auroc(np.array([r["scores"][name] for r in results]), labels)
@@ -316,8 +322,8 @@ def evaluate_piad(trained: TrainedPIAD, data: str | None = None, maps_dir: Path 
     metrics["verdict"] = {"tpr": float(flagged[labels == 1].mean()) if (labels == 1).any() else None,
                           "fpr": float(flagged[labels == 0].mean()) if (labels == 0).any() else None}
     return {"model": str(trained.path), "family": "piad", "data": data, "method": "reconstruction",
-            "test_size": size, "image_score": PIAD_SCORE, "step": trained.step, "features": trained.features,
+            "test_size": size, "image_score": trained.score, "step": trained.step, "features": trained.features,
             "metrics": metrics,
             "images": [{"name": r["sample"].name, "defect": r["sample"].defect, "label": r["sample"].label,
-                        "score": r["scores"][PIAD_SCORE], "scores": r["scores"], "flagged": r["defect"],
+                        "score": r["scores"][trained.score], "scores": r["scores"], "flagged": r["defect"],
                         "reason": r["reason"]} for r in results]}

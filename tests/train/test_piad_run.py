@@ -166,3 +166,45 @@ def test_float16_weights_are_calibrated_as_shipped(tmp_path):
     normal, _, _ = validation_sets(load_source("textures:grass", size=16, seed=0, fit="tile"))
     assert trained.calibration["score_threshold"] == pytest.approx(
         np.quantile(trained.outputs(normal)["rel_perc_l1"], 0.99), rel=1e-6)
+
+
+def test_an_ablation_loss_trains_and_scores_the_model(tmp_path, capsys):
+    out = tmp_path / "l2"
+    assert main(["--threads", "1", "train", *TINY, "--steps", "1", "--reconstruction-loss", "l2",
+                 "--out", str(out)]) == 0
+    trained = load_piad_model(out)
+    assert trained.train["reconstruction_loss"] == "l2" and trained.score == "l2"
+    normal, _, _ = validation_sets(load_source("textures:grass", size=16, seed=0, fit="tile"))
+    assert trained.calibration["score_threshold"] == pytest.approx(np.quantile(trained.outputs(normal)["l2"], 0.99))
+    assert evaluate_piad(trained)["image_score"] == "l2"
+    assert main(["export", str(out), "--out", str(tmp_path / "b")]) == 2
+    assert "scored by l2 (an ablation model)" in capsys.readouterr().err
+
+
+def test_reconstruction_distances_follow_their_formulas():
+    from eproj.train.perceptual import reconstruction_distance
+
+    torch.manual_seed(0)
+    net = build_feature_network(allow_random=True)
+    stats = FeatureStats(torch.rand(40) * 0.1, torch.rand(40) + 0.5, "identity")
+    x, y = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        fx, fy = net(x), net(y)
+        nx, ny = [(f - stats.mean.view(1, -1, 1, 1)) / stats.std.view(1, -1, 1, 1) for f in (fx, fy)]
+        expect = {"l2": ((x - y) ** 2).mean(dim=(1, 2, 3)), "perc": ((fx - fy) ** 2).mean(dim=(1, 2, 3)),
+                  "perc_l1": (nx - ny).abs().mean(dim=(1, 2, 3)),
+                  "rel_perc_l1": (nx - ny).abs().sum(dim=(1, 2, 3)) / nx.abs().sum(dim=(1, 2, 3))}
+        for kind, value in expect.items():
+            torch.testing.assert_close(reconstruction_distance(kind, net, stats, x, y), value, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="reconstruction loss must be one of"):
+        reconstruction_distance("l1", net, stats, x, y)
+
+
+def test_a_checkpoint_from_before_the_loss_option_resumes_with_the_default(tmp_path):
+    out = tmp_path / "old"
+    assert main(["--threads", "1", "train", *TINY, "--steps", "1", "--no-calibrate", "--out", str(out)]) == 0
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    del payload["train"]["reconstruction_loss"]
+    torch.save(payload, out / "checkpoint.pt")
+    assert main(["--threads", "1", "train", *TINY, "--steps", "2", "--no-calibrate", "--out", str(out)]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
