@@ -103,6 +103,9 @@ def markdown(payload: dict) -> str:
         gate = "no gate" if rule["gate_lr"] is None else f"gate Lr(x0) <= {rule['gate_lr']:.4g}"
         if rule["gate_lr"] is not None and rule.get("gate_rec_error") is not None:
             gate += f" and max (x0 - f(x0))^2 <= {rule['gate_rec_error']:.4g}"
+        if rule["gate_lr"] is not None:
+            gate += " (gated tiles keep the first update)" if rule.get("gate_first_update", True) else \
+                " (gated tiles take no step: one forward pass)"
         lines.append(f"- **{name}**: stop rule `validation` = {gate}, stop at "
                      f"Lr <= {rule['stop_threshold']:.4g} ({where}), cap {rule['max_iters']}; image score "
                      f"`{cal['decision']['image_score']}` (validation AUROC "

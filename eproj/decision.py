@@ -11,9 +11,12 @@ in model.pt, ``"decision"`` in a bundle's manifest) and how it is applied:
   so its mask is exactly the reconstruction method's mask (fail closed: a tile the
   loop never moved is judged by what was computed, never reported clean by default).
 - ``gate_lr``: the zero-iteration gate (None: none); a tile whose Lr(x0) is at most
-  this is finished at iteration 0 and takes no step, like a tile under the stop
-  threshold at x0: it costs one forward pass (f(x0) and Lr(x0), no gradient) and is
-  judged by its reconstruction's map, scaled as above. ``gate_rec_error`` (None: none):
+  this (or under the stop threshold at x0) is finished at iteration 0. With
+  ``gate_first_update`` (true when absent: every calibration before the choice) it
+  keeps the first update, which the step at x0 has paid for, and takes no further
+  step; its map DSSIM(x0, x1) is evidence, not zeros. Without, it takes no step: one
+  forward pass (f(x0) and Lr(x0), no gradient), judged by its reconstruction's map,
+  scaled as above. ``gate_rec_error`` (None: none):
   the gate also requires the largest pixel of the tile's reconstruction error
   (x0 - f(x0))^2 (channel mean) to be at most this, so a tile with a small defect its
   Lr(x0) hides still goes on to the projection.
@@ -110,6 +113,7 @@ class Decision:
     gate_lr: float | None = None
     map_scale: tuple[float, ...] | None = None
     gate_rec_error: float | None = None
+    gate_first_update: bool = True
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, score_threshold: float) -> "Decision":
@@ -128,7 +132,7 @@ class Decision:
                    None if area is None else int(area), values.get("frame_range"),
                    float(values.get("zero_iteration_map_scale", 1.0)), None if gate is None else float(gate),
                    None if scale is None else tuple(float(v) for v in scale),
-                   None if gate_rec is None else float(gate_rec))
+                   None if gate_rec is None else float(gate_rec), bool(values.get("gate_first_update", True)))
 
     def frame_statistics(self, lr0: np.ndarray, dssim: np.ndarray, x0_std: np.ndarray) -> dict[str, float]:
         """The frame-level statistics of one frame's T tiles (``FRAME_STATISTICS``: Lr(x0), the

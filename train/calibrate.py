@@ -8,12 +8,13 @@ Everything here is chosen on held-out validation data, never on test images:
 
   * ``training-min``: stop when Lr falls under the training-set minimum, at most
     100 iterations (the paper's rule; unseen normal images rarely reach it);
-  * ``validation``: optionally the zero-iteration gate at the largest Lr(x0) and the
-    largest reconstruction-error pixel of the normal validation images (a tile already
-    as well explained as they are, everywhere, takes no step and is judged by its
-    reconstruction's map: one forward pass), a stop threshold
+  * ``validation``: optionally the zero-iteration gate at the largest Lr(x0) (and
+    optionally the largest reconstruction-error pixel) of the normal validation images:
+    a tile already as well explained as they are keeps the first update and takes no
+    further step, or (``gate_first_update`` False) takes no step at all and is judged
+    by its reconstruction's map, one forward pass; a stop threshold
     at the Lr that normal validation images reach after k iterations (or the training
-    minimum), and an iteration cap; k, the cap and the gate (on or off) are chosen among
+    minimum), and an iteration cap; k, the cap and the gate (one of those or none) are chosen among
     ``RULE_GRID`` as the cheapest setting whose pixel AUROC and AUPRO on validation
     images with synthetic defects stay within ``QUALITY_SLACK`` of the 100-iteration
     projection (``FULL_RULE``: no stop, no gate), with at most ``NORMAL_ITERATIONS`` on
@@ -144,11 +145,13 @@ def trajectories(model: Autoencoder, images: np.ndarray, config: ProjectionConfi
 
 
 def stop_times(lr: np.ndarray, threshold: float | None, cap: int, gate: float | None,
-               rec_max: np.ndarray | None = None, gate_rec: float | None = None) -> np.ndarray:
+               rec_max: np.ndarray | None = None, gate_rec: float | None = None,
+               first_update: bool = True) -> np.ndarray:
     """The iterations each sample takes under a rule, from its unstopped Lr (N, T+1), as
     ``project`` takes them: the first t with Lr <= threshold, at most ``cap``; with a gate, a
     sample with Lr(x0) <= gate (and, with ``gate_rec``, its reconstruction error's largest
-    pixel ``rec_max`` (N,) <= gate_rec) takes no step (0), like one under the threshold at x0."""
+    pixel ``rec_max`` (N,) <= gate_rec), or under the threshold at x0, keeps the first update (1)
+    or, without ``first_update``, takes no step (0)."""
     times = np.full(len(lr), cap)
     if threshold is not None:
         hit = lr[:, :cap + 1] <= threshold
@@ -159,7 +162,8 @@ def stop_times(lr: np.ndarray, threshold: float | None, cap: int, gate: float | 
             if rec_max is None:
                 raise ValueError("a gate on the reconstruction error needs rec_max")
             passed &= rec_max <= gate_rec
-        times = np.where(passed, 0, times)
+        finished = passed | (times == 0)
+        times = np.where(finished, 1 if first_update else 0, times)
     return times
 
 
@@ -210,16 +214,19 @@ def choose_rule(lr: np.ndarray, iterates: np.ndarray, images: np.ndarray, masks:
     Returns the chosen rule's entry and every rule's entry (settings and validation figures)."""
     gate = float(lr[normal, 0].max())
     gate_rec = None if rec_max is None else float(rec_max[normal].max())
-    candidates = [(FULL_RULE, None, CAP, None, None, None), ("training-min", train_min, CAP, None, None, None)]
+    gates = [("no gate", None, None, True), ("gate Lr", gate, None, True)]
+    if gate_rec is not None:
+        gates += [("gate Lr+rec", gate, gate_rec, True), ("gate Lr+rec, no step", gate, gate_rec, False)]
+    candidates = [(FULL_RULE, None, CAP, None, None, True, None),
+                  ("training-min", train_min, CAP, None, None, True, None)]
     for k, cap in RULE_GRID:
         threshold = train_min if k is None else float(np.median(lr[normal, k]))
-        for gated in (gate, None):
-            candidates.append((f"k={k} cap={cap}" + ("" if gated is not None else " no gate"), threshold, cap,
-                               gated, None if gated is None else gate_rec, k))
+        for label, gated, gated_rec, first_update in gates:
+            candidates.append((f"k={k} cap={cap} {label}", threshold, cap, gated, gated_rec, first_update, k))
     has_defects = bool((~normal).any())
     table, cache = [], {}
-    for name, threshold, cap, gated, gated_rec, k in candidates:
-        times = stop_times(lr, threshold, cap, gated, rec_max, gated_rec)
+    for name, threshold, cap, gated, gated_rec, first_update, k in candidates:
+        times = stop_times(lr, threshold, cap, gated, rec_max, gated_rec, first_update)
         ungated = stop_times(lr, threshold, cap, None)
         key = tuple(times) + tuple(ungated)
         if key not in cache:
@@ -229,7 +236,7 @@ def choose_rule(lr: np.ndarray, iterates: np.ndarray, images: np.ndarray, masks:
                      "aupro": aupro(list(maps), list(masks), 0.3) if has_defects else None}
             cache[key] = entry
         table.append({"rule": name, "k": k, "stop_threshold": threshold, "max_iters": cap, "gate_lr": gated,
-                      "gate_rec_error": gated_rec,
+                      "gate_rec_error": gated_rec, "gate_first_update": first_update,
                       "mean_iterations": float(times.mean()),
                       "mean_iterations_normal": float(times[normal].mean()),
                       "mean_iterations_defective": float(times[~normal].mean()) if has_defects else None,
@@ -283,7 +290,7 @@ def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConf
     chosen, table = choose_rule(lr, iterates, images, masks, normal, recon_dssim, stats["min"], levels, rec_max)
     rules = {"validation": {"stop_threshold": chosen["stop_threshold"], "max_iters": chosen["max_iters"],
                             "gate_lr": chosen["gate_lr"], "gate_rec_error": chosen["gate_rec_error"],
-                            "k": chosen["k"]},
+                            "gate_first_update": chosen["gate_first_update"], "k": chosen["k"]},
              "training-min": {"stop_threshold": stats["min"], "max_iters": CAP, "gate_lr": None,
                               "gate_rec_error": None}}
     for rule in rules.values():
@@ -317,7 +324,7 @@ def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray,
     that a tile is well explained."""
     rec_max = rec_error.reshape(len(images), -1).max(axis=1)
     times = stop_times(lr, rule["stop_threshold"], rule["max_iters"], rule["gate_lr"], rec_max,
-                       rule.get("gate_rec_error"))
+                       rule.get("gate_rec_error"), rule.get("gate_first_update", True))
     ungated = stop_times(lr, rule["stop_threshold"], rule["max_iters"], None)
     plain_dssim, plain_l2 = _maps_at(images[normal], iterates[normal], ungated[normal])
     moved = ungated[normal] > 0
@@ -348,6 +355,7 @@ def rule_calibration(rule: dict[str, Any], lr: np.ndarray, iterates: np.ndarray,
         "map_scale": [float(v) for v in scale],
         "gate_lr": rule["gate_lr"],
         "gate_rec_error": rule.get("gate_rec_error"),
+        "gate_first_update": rule.get("gate_first_update", True),
     }
     return {"segmentation": segmentation, "decision": decision}
 

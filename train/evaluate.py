@@ -195,10 +195,11 @@ def run_method(model: Autoencoder, images: np.ndarray, method: str,
                config: ProjectionConfig | None = None, batch: int = 32,
                progress: bool = False, desc: str = "", inspector: Any = None,
                gate_threshold: float | None = None, zero_map_scale: float = 1.0,
-               map_scale: tuple[float, ...] | None = None, gate_rec_error: float | None = None) -> MethodOutput:
+               map_scale: tuple[float, ...] | None = None, gate_rec_error: float | None = None,
+               gate_first_update: bool = True) -> MethodOutput:
     """Apply a method to (N, C, S, S) float32 images in [0, 1], ``batch`` images at a time,
     on the reference or, with ``inspector`` (an eproj.runtime.Inspector), on the runtime.
-    ``gate_threshold``, ``gate_rec_error`` and ``zero_map_scale``: the zero-iteration gate
+    ``gate_threshold``, ``gate_rec_error``, ``gate_first_update`` and ``zero_map_scale``: the zero-iteration gate
     (``eproj.train.projection.project``) and map (``projection_maps``)."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
@@ -210,7 +211,8 @@ def run_method(model: Autoencoder, images: np.ndarray, method: str,
     for start in _chunks(len(images), batch, progress, desc or method):
         x0 = torch.from_numpy(np.ascontiguousarray(images[start:start + batch]))
         if method == "projection":
-            result = project(model, x0, config, gate_threshold=gate_threshold, gate_rec_error=gate_rec_error)
+            result = project(model, x0, config, gate_threshold=gate_threshold, gate_rec_error=gate_rec_error,
+                             gate_first_update=gate_first_update)
             target, its = result.projection, result.iterations.numpy()
             reasons += result.stop_reason
         else:
@@ -275,7 +277,8 @@ class SampleResult:
 def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str,
                    config: ProjectionConfig | None, progress: bool = True,
                    inspector: Any = None, gate_threshold: float | None = None,
-                   rule: str | None = None, gate_rec_error: float | None = None) -> list[SampleResult]:
+                   rule: str | None = None, gate_rec_error: float | None = None,
+                   gate_first_update: bool = True) -> list[SampleResult]:
     """Apply a method to test images of any size that tiles by the model size; the
     calibrated verdict (``decision_of``) scores and judges each."""
     decision = decision_of(trained, method, rule)
@@ -292,7 +295,8 @@ def run_on_samples(trained: TrainedModel, samples: list[TestSample], method: str
     out = run_method(trained.model, to_batch(tiles), method, config, progress=progress,
                      desc=f"{method} {trained.config.family}", inspector=inspector,
                      gate_threshold=gate_threshold, zero_map_scale=decision.zero_iteration_map_scale,
-                     map_scale=decision.map_scale, gate_rec_error=gate_rec_error)
+                     map_scale=decision.map_scale, gate_rec_error=gate_rec_error,
+                     gate_first_update=gate_first_update)
     candidates = tile_scores(out.maps["dssim"], out.rec_error, out.lr0, pixel)
     if trained.config.family == "unet":
         candidates["puzzle"], out.maps[PERMUTATION_MAP] = permutation_outputs(trained, to_batch(tiles))
@@ -390,12 +394,14 @@ def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = Tru
                         f"{trained.config.channels}")
     samples = source.test()
     config = projection_config(trained, stop_rule, **overrides) if method == "projection" else None
-    gate, gate_rec = stop_rule_gate(trained, stop_rule, gate_threshold)
+    gate, gate_rec, first_update = stop_rule_gate(trained, stop_rule, gate_threshold)
     if inspector is not None and method == "projection":
         config, gate = inspector.config, inspector.gate_lr
         gate_rec = getattr(inspector, "gate_rec_error", None)
+        first_update = getattr(inspector, "gate_first_update", True)
     start = time.perf_counter()
-    results = run_on_samples(trained, samples, method, config, progress, inspector, gate, stop_rule, gate_rec)
+    results = run_on_samples(trained, samples, method, config, progress, inspector, gate, stop_rule, gate_rec,
+                             first_update)
     seconds = time.perf_counter() - start
     report = {"model": str(trained.path), "family": trained.config.family, "data": data, "method": method,
               "engine": "reference (PyTorch autograd)" if inspector is None else f"runtime: {inspector.backend_note}",
@@ -403,6 +409,7 @@ def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = Tru
               "stop_rule": (stop_rule or trained.calibration.get("stop_rule")) if method == "projection" else None,
               "gate_lr": gate if method == "projection" else None,
               "gate_rec_error": gate_rec if method == "projection" and gate is not None else None,
+              "gate_first_update": first_update if method == "projection" and gate is not None else None,
               "image_score": decision_of(trained, method, stop_rule).image_score,
               "seconds": seconds, "images_per_second": len(samples) / seconds}
     report.update(summarise(trained, results, method, stop_rule))
@@ -410,17 +417,19 @@ def evaluate(trained: TrainedModel, data: str, method: str, progress: bool = Tru
 
 
 def stop_rule_gate(trained: TrainedModel, rule: str | None,
-                   gate_threshold: float | None) -> tuple[float | None, float | None]:
-    """The zero-iteration gate (Lr(x0) bound, reconstruction-error bound): ``gate_threshold`` if
-    given (-inf: none) with no reconstruction-error bound, else the stop rule's."""
+                   gate_threshold: float | None) -> tuple[float | None, float | None, bool]:
+    """The zero-iteration gate (Lr(x0) bound, reconstruction-error bound, whether a gated tile
+    keeps the first update): ``gate_threshold`` if given (-inf: none) with no reconstruction-error
+    bound and the first update kept, else the stop rule's."""
     settings = rule_settings(trained, rule)
     if gate_threshold is not None:
-        gate, rec = gate_threshold, None
+        gate, rec, first = gate_threshold, None, True
     else:
         gate, rec = settings.get("gate_lr"), settings.get("gate_rec_error")
+        first = bool(settings.get("gate_first_update", True))
     if gate is None or gate == float("-inf"):
-        return None, None
-    return float(gate), None if rec is None else float(rec)
+        return None, None, True
+    return float(gate), None if rec is None else float(rec), first
 
 
 def evaluate_cli(run: str, data: str | None, method: str, json_path: str,

@@ -12,14 +12,15 @@ def test_stop_times_follow_the_rule_and_the_gate():
                    [2.5, 9.0, 9.0, 9.0]])   # under the gate at x0, over the threshold
     assert stop_times(lr, 3.5, 3, None).tolist() == [2, 0, 3, 0]
     assert stop_times(lr, 2.0, 3, None).tolist() == [3, 0, 3, 3]
-    # a gated sample takes no step, like one under the threshold at x0
-    assert stop_times(lr, 2.0, 3, 2.5).tolist() == [3, 0, 3, 0]
+    # a gated sample (or one under the threshold at x0) keeps the first update, or takes no step
+    assert stop_times(lr, 2.0, 3, 2.5).tolist() == [3, 1, 3, 1]
+    assert stop_times(lr, 2.0, 3, 2.5, first_update=False).tolist() == [3, 0, 3, 0]
     assert stop_times(lr, None, 3, None).tolist() == [3, 3, 3, 3]
     assert stop_times(lr, None, 0, 100.0).tolist() == [0, 0, 0, 0]
     # the gate on the reconstruction error's largest pixel too: both bounds must hold
     rec_max = np.array([0.1, 0.1, 0.1, 0.9])
-    assert stop_times(lr, 2.0, 3, 2.5, rec_max, 0.5).tolist() == [3, 0, 3, 3]
-    assert stop_times(lr, 2.0, 3, 9.0, rec_max, 0.5).tolist() == [0, 0, 0, 3]
+    assert stop_times(lr, 2.0, 3, 2.5, rec_max, 0.5, False).tolist() == [3, 0, 3, 3]
+    assert stop_times(lr, 2.0, 3, 9.0, rec_max, 0.5, False).tolist() == [0, 0, 0, 3]
 
 
 def test_the_rule_choice_is_held_to_the_100_iteration_projection():
@@ -42,11 +43,13 @@ def test_the_rule_choice_is_held_to_the_100_iteration_projection():
                                 levels=np.ones(CAP + 1), rec_max=rec_max)
     assert table[0]["rule"] == FULL_RULE and table[0]["mean_iterations"] == CAP and table[0]["gate_lr"] is None
     assert table[1]["rule"] == "training-min"
-    assert len(table) == 2 + 2 * len(RULE_GRID)
+    assert len(table) == 2 + 4 * len(RULE_GRID)
     gates = {r["gate_lr"] for r in table[2:]}
     assert gates == {None, float(lr[normal, 0].max())}
-    assert {r["gate_rec_error"] for r in table[2:] if r["gate_lr"] is not None} == {0.1}
-    # normal samples are all under the gate at x0: no step at all under a gated rule
-    assert all(r["mean_iterations_normal"] == 0 for r in table[2:] if r["gate_lr"] is not None)
+    assert {r["gate_rec_error"] for r in table[2:] if r["gate_lr"] is not None} == {None, 0.1}
+    # normal samples are all under the gate at x0: one step under a gated rule, or none at all
+    for r in table[2:]:
+        if r["gate_lr"] is not None:
+            assert r["mean_iterations_normal"] == (1 if r["gate_first_update"] else 0)
     assert chosen in table[2:]
     assert chosen["pixel_auroc"] >= table[0]["pixel_auroc"] - 0.005 and chosen["aupro"] >= table[0]["aupro"] - 0.005

@@ -80,11 +80,14 @@ def test_the_gate_in_the_evaluation(tiny_model):
     model = tiny_model("l2ae", dtype=torch.float32)
     x = np.random.default_rng(4).random((2, 1, 32, 32)).astype(np.float32)
     gated = run_method(model, x, "projection", ProjectionConfig(max_iters=5), gate_threshold=1e9)
-    assert gated.iterations.tolist() == [0, 0] and gated.stop_reason == ["gate", "gate"]
-    # judged by the reconstruction's map, scaled: never the all-zero DSSIM(x0, x0)
+    assert gated.iterations.tolist() == [1, 1] and gated.stop_reason == ["gate", "gate"]
     assert gated.maps["dssim"].max() > 0 and gated.lr0.shape == (2,) and gated.rec_error.shape == (2, 32, 32)
+    # no step: judged by the reconstruction's map, scaled; never the all-zero DSSIM(x0, x0)
+    gated = run_method(model, x, "projection", ProjectionConfig(max_iters=5), gate_threshold=1e9,
+                       gate_first_update=False)
+    assert gated.iterations.tolist() == [0, 0] and gated.maps["dssim"].max() > 0
     scaled = run_method(model, x, "projection", ProjectionConfig(max_iters=5), gate_threshold=1e9,
-                        zero_map_scale=2.0)
+                        zero_map_scale=2.0, gate_first_update=False)
     np.testing.assert_allclose(scaled.maps["dssim"], 2 * gated.maps["dssim"], rtol=1e-6)
 
 

@@ -80,8 +80,9 @@ def test_per_sample_stopping(tiny_model):
 
 
 def test_the_zero_iteration_gate(tiny_model):
-    """A sample with Lr(x0) at most the gate takes no step (reason "gate", projection x0,
-    Lr(x0) recorded); the others run exactly as without the gate."""
+    """A sample with Lr(x0) at most the gate keeps the first update and takes no further step
+    (reason "gate", Lr(x0) recorded), or with gate_first_update=False takes no step at all
+    (projection x0); the others run exactly as without the gate."""
     model = tiny_model("l2ae")
     x0 = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     x0[0] = model(x0[0:1]).detach()[0]  # on the manifold: Lr far under the others
@@ -90,12 +91,18 @@ def test_the_zero_iteration_gate(tiny_model):
     config = ProjectionConfig(alpha=0.5, max_iters=4)
     gated = project(model, x0, config, gate_threshold=gate)
     assert gated.stop_reason == ["gate", "max_iters", "max_iters"]
-    assert gated.iterations.tolist() == [0, 4, 4]
+    assert gated.iterations.tolist() == [1, 4, 4]
     torch.testing.assert_close(gated.loss[0], lr0[0])
-    assert torch.equal(gated.projection[0], x0[0])  # no step at all
+    one = project(model, x0[:1], config.with_(max_iters=1))
+    torch.testing.assert_close(gated.projection[0], one.projection[0])  # the first update, no more
+    assert not torch.equal(gated.projection[0], x0[0])
     plain = project(model, x0, config)
-    assert not torch.equal(plain.projection[0], x0[0])  # without the gate it would have moved
     torch.testing.assert_close(plain.projection[1:], gated.projection[1:])
+    still = project(model, x0, config, gate_threshold=gate, gate_first_update=False)
+    assert still.stop_reason == gated.stop_reason and still.iterations.tolist() == [0, 4, 4]
+    assert torch.equal(still.projection[0], x0[0])  # no step at all
+    torch.testing.assert_close(still.loss[0], lr0[0])
+    torch.testing.assert_close(plain.projection[1:], still.projection[1:])
     assert project(model, x0, config, gate_threshold=None).stop_reason == ["max_iters"] * 3
     # with a bound on the reconstruction error's largest pixel, a sample must pass both
     worst = ((x0 - model(x0).detach()) ** 2).mean(dim=1).flatten(1).amax(dim=1)
@@ -105,9 +112,9 @@ def test_the_zero_iteration_gate(tiny_model):
     torch.testing.assert_close(loose.projection, gated.projection)
     tight = project(model, x0, config, gate_threshold=gate, gate_rec_error=float(worst[0]) * 0.99)
     assert tight.stop_reason == ["max_iters"] * 3
-    # under the stop threshold at x0 a gated run finishes the sample at x0 too, as "gate"
+    # under the stop threshold at x0, a gated run keeps the first update too (never a map of zeros)
     stopped = project(model, x0, config.with_(stop_threshold=gate), gate_threshold=-1.0)
-    assert stopped.stop_reason[0] == "gate" and stopped.iterations.tolist() == [0, 4, 4]
+    assert stopped.stop_reason[0] == "gate" and stopped.iterations.tolist() == [1, 4, 4]
     assert project(model, x0, config.with_(stop_threshold=gate)).iterations.tolist() == [0, 4, 4]
 
 
