@@ -267,7 +267,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     import shlex
 
     from eproj.report import report
+    from eproj.train.piad_calibrate import is_piad_file
 
+    piad = [m for m in args.models if is_piad_file(m)]
+    if piad:
+        from eproj.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(piad)}: PIAD models have no projection or predictor maps for eproj report; "
+                          f"use eproj eval on each, or reports/piad/make_report.py")
     report(args.models, Path(args.out), args.data, command="eproj " + shlex.join(args.raw),
            threads=_set_threads(args))
     print(f"wrote {Path(args.out) / 'report.md'} and report.json")

@@ -125,6 +125,8 @@ def test_calibrate_and_eval_commands_on_a_piad_run(run, tmp_path, capsys):
     assert "--method projection is not one of its methods" in capsys.readouterr().err
     assert main(["eval", str(run), "--max-iters", "5", "--json", str(tmp_path / "x.json")]) == 2
     assert "--max-iters set the projection" in capsys.readouterr().err
+    assert main(["report", str(run / "model.pt"), "--out", str(tmp_path / "r")]) == 2
+    assert "PIAD models have no projection or predictor maps" in capsys.readouterr().err
 
 
 def test_a_model_whose_feature_weights_changed_is_refused(run, tmp_path):
