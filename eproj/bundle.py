@@ -14,7 +14,7 @@ What ``load_manifest`` guarantees before anything reads a bundle file:
   every number finite (no NaN or Infinity anywhere, known field or not); a
   violation names the field, what it must be and what came;
 - every file the manifest references (the graphs, ``weights``, ``ensemble``,
-  ``torch_step``, and the TensorRT ``engines``) is a relative path that stays inside
+  ``torch_step``, ``torch_forward``, and the TensorRT ``engines``) is a relative path that stays inside
   the bundle folder: no absolute path, no ``..``, no symlink that leaves the folder;
 - every referenced file but the engines is listed under ``files``, is a regular
   file, and has the size and SHA-256 listed there (the engines' own records carry
@@ -64,8 +64,10 @@ FITS = ("none", "resize", "tile")
 REQUIRED_GRAPHS = ("encoder", "decoder", "step")
 # the U-Net has no latent code between an encoder and a decoder: its bundle has the step graph(s) alone
 FAMILY_GRAPHS = {"unet": ("step",)}
-GRAPHS = REQUIRED_GRAPHS + ("step_fp16",)
-FILE_SECTIONS = ("weights", "ensemble", "torch_step")  # optional sections that name one file each
+# optional: "forward" (x -> reconstruction, loss: the step without its gradient half) is run
+# where no step follows; a bundle exported before it runs the step graph there instead
+GRAPHS = REQUIRED_GRAPHS + ("step_fp16", "forward")
+FILE_SECTIONS = ("weights", "ensemble", "torch_step", "torch_forward")  # optional sections naming one file each
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -273,7 +275,7 @@ def bundle_file(folder: Path, name: Any, field: str) -> Path:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     """Hash every file the manifest references (``graphs``, ``weights``, ``ensemble``,
-    ``torch_step``), check the result against the schema and write ``manifest.json`` atomically.
+    ``torch_step``, ``torch_forward``), check the result against the schema and write ``manifest.json`` atomically.
 
     Raises BundleError, naming the field, where the manifest would not load (e.g. a NaN threshold).
     """
@@ -387,6 +389,9 @@ def _check_shapes(manifest: dict[str, Any], path: Path) -> None:
         declared["decoder output reconstruction"] = graphs["decoder"]["outputs"].get("reconstruction")
     if "step_fp16" in graphs:
         declared["step_fp16 input x"] = graphs["step_fp16"]["inputs"].get("x")
+    if "forward" in graphs:
+        declared["forward input x"] = graphs["forward"]["inputs"].get("x")
+        declared["forward output reconstruction"] = graphs["forward"]["outputs"].get("reconstruction")
     for what, shape in declared.items():
         if shape != expected:
             raise BundleError(f"{path}: the {what} has shape {shape}; the manifest's input "

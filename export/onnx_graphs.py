@@ -7,11 +7,15 @@
   latent code and no encoder or decoder graph: its reconstruction is the step's;
 - ``step.onnx``: x -> reconstruction, loss (N,), grad (N, C, S, S) (and kl, kl_grad
   for vae/gvae): one projection step without autograd (``eproj.export.step``);
+- ``forward.onnx``: x -> reconstruction, loss, the step's first two outputs from the
+  same code without the gradient half (``StepModule(model, gradient=False)``), for
+  passes that take no step: the zero-iteration gate's and the reconstruction baseline;
 - with ``fp16=True``, ``step_fp16.onnx``: the same step with the network and its
   backward pass in float16 (the loss terms, input and outputs in float32), with its error against ``step.onnx`` measured by ONNX
   Runtime and written into the manifest;
-- ``step.pt2``: the same step as a ``torch.export`` program (weights included), which
-  the runtime's torch backend runs with torch alone, without eproj's training code;
+- ``step.pt2`` and ``forward.pt2``: the step and forward graphs as ``torch.export``
+  programs (weights included), which the runtime's torch backend runs with torch alone,
+  without eproj's training code;
 - ``model.pt``: the checkpoint, for the eager-autograd reference of ``eproj bench``;
 - ``manifest.json`` (``eproj.bundle``).
 
@@ -41,6 +45,7 @@ from eproj.train.data import fit_of
 from eproj.train.models import Autoencoder
 
 DEFAULT_OPSET = 17
+FORWARD_OUTPUTS = ("reconstruction", "loss")  # the forward graph's: the step's first two
 LR_DEFINITIONS = {
     "l2ae": "sum over pixels of (x - f(x))^2",
     "vae": "sum over pixels of (x - f(x))^2, f at the encoder mean",
@@ -219,6 +224,8 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
                                     ["reconstruction"], opset)
     graphs["step"] = _export(StepModule(model), x, out / "step.onnx", "x",
                              ["reconstruction", "loss", "grad"] + (["kl", "kl_grad"] if variational else []), opset)
+    graphs["forward"] = _export(StepModule(model, gradient=False), x, out / "forward.onnx", "x",
+                                list(FORWARD_OUTPUTS), opset)
     if fp16:
         graphs["step_fp16"] = _export(_half_step(model), x, out / "step_fp16.onnx", "x",
                                       list(graphs["step"]["outputs"]), opset)
@@ -255,6 +262,7 @@ def export_bundle(trained: TrainedModel | str | Path, out: str | Path, opset: in
         "graphs": graphs,
         "weights": _copy_weights(trained, out),
         "torch_step": _export_torch_step(model, x, out / "step.pt2"),
+        "torch_forward": _export_torch_step(model, x, out / "forward.pt2", gradient=False),
     }
     if ensemble is not None:
         if not cfg.variational:
@@ -283,10 +291,12 @@ def _input_geometry(train: dict[str, Any]) -> dict[str, Any]:
     return {"fit": fit, "scale": 1.0 if fit == "tile" else None, "scale_recorded": False}
 
 
-def _export_torch_step(model: Autoencoder, example: torch.Tensor, path: Path) -> dict[str, Any]:
-    """``StepModule(model)`` as a ``torch.export`` program with a dynamic batch, saved to
-    ``path``: what the runtime's torch backend loads (torch alone, no eproj.train)."""
-    step = StepModule(model).eval()
+def _export_torch_step(model: Autoencoder, example: torch.Tensor, path: Path,
+                       gradient: bool = True) -> dict[str, Any]:
+    """``StepModule(model, gradient=gradient)`` (the step, or without ``gradient`` the forward
+    graph) as a ``torch.export`` program with a dynamic batch, saved to ``path``: what the
+    runtime's torch backend loads (torch alone, no eproj.train)."""
+    step = StepModule(model, gradient=gradient).eval()
     for p in step.parameters():
         p.requires_grad_(False)
     batch = torch.export.Dim("N", min=1)
@@ -294,7 +304,8 @@ def _export_torch_step(model: Autoencoder, example: torch.Tensor, path: Path) ->
         warnings.simplefilter("ignore")
         program = torch.export.export(step, (example,), dynamic_shapes={"x": {0: batch}})
     torch.export.save(program, str(path))
-    return {"file": path.name, "format": "torch.export ExportedProgram (x -> the step graph's outputs)",
+    graph = "step" if gradient else "forward"
+    return {"file": path.name, "format": f"torch.export ExportedProgram (x -> the {graph} graph's outputs)",
             "torch": torch.__version__}
 
 

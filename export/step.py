@@ -30,6 +30,11 @@ layer with forward operators only:
 For the variational families the KL term and its input gradient are extra
 outputs. ``StepModule`` is checked against autograd on the reference
 definitions (``eproj.train.losses``) in ``tests/export/test_step.py``.
+
+``StepModule(model, gradient=False)`` is the forward graph: the same code up to
+Lr, x -> f(x), Lr(x), without the gradient half (about a third of the step's
+work). The runtime runs it where no step follows: the zero-iteration gate's
+first pass and the reconstruction baseline.
 """
 
 from __future__ import annotations
@@ -174,18 +179,21 @@ def _backward(layers: nn.Sequential, values: list[torch.Tensor], grad: torch.Ten
 
 
 class StepModule(nn.Module):
-    """x -> (reconstruction, loss, grad[, kl, kl_grad]) without autograd.
+    """x -> (reconstruction, loss, grad[, kl, kl_grad]) without autograd; with
+    ``gradient=False``, x -> (reconstruction, loss) alone (the forward graph).
 
     Args of forward:
         x: (N, C, H, W) float images, H and W the model's input size.
     Returns:
         reconstruction f(x) (N, C, H, W); loss Lr(x) (N,); grad d Lr / dx (N, C, H, W);
-        for vae/gvae also kl (N,) and d kl / dx (N, C, H, W).
+        for vae/gvae also kl (N,) and d kl / dx (N, C, H, W). With ``gradient=False``
+        the first two only, computed by the same code as the step's.
     """
 
-    def __init__(self, model: Model, loss_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: Model, loss_dtype: torch.dtype | None = None, gradient: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.gradient = gradient
         self.family = model.config.family
         self.network_dtype = next(model.parameters()).dtype
         # the loss terms (DSSIM moments, residual, KL) may run in a wider type than the
@@ -252,8 +260,9 @@ class StepModule(nn.Module):
         a = self.filter_matrix
         return torch.matmul(torch.matmul(a.transpose(0, 1), g), a)
 
-    def _dssim_loss(self, x: torch.Tensor, y: torch.Tensor):
-        """Sum over pixels of the channel-mean DSSIM, and its gradients w.r.t. x and y."""
+    def _dssim_loss(self, x: torch.Tensor, y: torch.Tensor, gradient: bool = True):
+        """Sum over pixels of the channel-mean DSSIM, and its gradients w.r.t. x and y
+        (None, None without ``gradient``)."""
         c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
         ux, uy = self._gaussian(x), self._gaussian(y)
         sxx, syy, sxy = self._gaussian(x * x), self._gaussian(y * y), self._gaussian(x * y)
@@ -264,6 +273,8 @@ class StepModule(nn.Module):
         ssim = a1 * a2 / (b1 * b2)
         channels = x.shape[1]
         loss = ((1 - ssim) / 2).sum(dim=(1, 2, 3)) / channels
+        if not gradient:
+            return loss, None, None
         d_ssim = -0.5 / channels
         d_a1 = d_ssim * a2 / (b1 * b2)
         d_a2 = d_ssim * a1 / (b1 * b2)
@@ -286,6 +297,8 @@ class StepModule(nn.Module):
             x = x.to(wide)
             residual = x - reconstruction
             loss = (residual * residual).sum(dim=(1, 2, 3))
+            if not self.gradient:
+                return reconstruction, loss
             grad_network = self._unet_backward(down, pooled, up, (-2.0 * residual).to(net)).to(wide)
             return reconstruction, loss, 2.0 * residual + grad_network
         encoded = _run(model.encoder, x.to(net))
@@ -296,17 +309,19 @@ class StepModule(nn.Module):
         x = x.to(wide)
         scale = None
         if self.family == "dsae":
-            loss, grad_direct, grad_reconstruction = self._dssim_loss(x, reconstruction)
+            loss, grad_direct, grad_reconstruction = self._dssim_loss(x, reconstruction, self.gradient)
         else:
             residual = x - reconstruction
             if self.family == "gvae":
                 log_gamma = model.log_gamma.to(wide)
                 scale = 0.5 * torch.exp(-2.0 * log_gamma)
                 loss = scale * (residual * residual).sum(dim=(1, 2, 3)) + x[0].numel() * log_gamma
-                grad_direct = 2.0 * scale * residual
             else:
                 loss = (residual * residual).sum(dim=(1, 2, 3))
-                grad_direct = 2.0 * residual
+        if not self.gradient:
+            return reconstruction, loss
+        if self.family != "dsae":
+            grad_direct = 2.0 * residual if scale is None else 2.0 * scale * residual
             # the network's backward pass carries the gradient of the *unscaled* squared error;
             # the gamma-VAE's 1/(2 gamma^2) multiplies its result in the wide type, so a small
             # gamma cannot overflow a float16 backward pass (the pass is linear in its input)

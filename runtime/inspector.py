@@ -57,7 +57,8 @@ class InspectionResult:
       (the reconstruction for ``method="reconstruction"``);
     - ``iterations``: projection steps taken (the most over the frame's tiles);
       ``stop_reasons``: per tile, "threshold", "converged", "max_iters" or "gate" (finished
-      by the zero-iteration gate; its map is its reconstruction's, scaled);
+      by the zero-iteration gate: with 1 iteration where it keeps the first update, else with
+      none, its map its reconstruction's, scaled);
     - ``timings``: milliseconds of the batch the frame was in, by stage;
     - ``failed``: the frame could not be inspected in a way eproj can vouch for (e.g. a
       non-finite value in its map, projection or score); such a frame is always ``defect``
@@ -119,7 +120,8 @@ class Inspector:
                  fit: str | None = None, channel_order: str = "bgr", batch_size: int = 16,
                  check_every: int | None = None, backend_note: str = "", threads: int = 0,
                  scale: float | None = None, tile_stride: int | None = None, gate_lr: float | None = None,
-                 compact: bool = True, stop_rule: str | None = None):
+                 compact: bool = True, stop_rule: str | None = None, gate_rec_error: float | None = None,
+                 gate_first_update: bool | None = None):
         if not isinstance(config, ProjectionConfig):
             raise ConfigError(f"config must be a ProjectionConfig, got {type(config).__name__}")
         check_options(method=method, fit=fit, channel_order=channel_order, batch_size=batch_size,
@@ -147,11 +149,19 @@ class Inspector:
                 self.score_threshold = float(rule["segmentation"]["score"])
         try:
             self.decision = Decision.from_dict(stored, self.score_threshold)
+            # the zero-iteration gate: the decision's (with its reconstruction-error bound and its
+            # choice of the first update), or the one given
             self.gate_lr = self.decision.gate_lr if gate_lr is None else float(gate_lr)
+            self.gate_rec_error = (self.decision.gate_rec_error if gate_lr is None
+                                   else None if gate_rec_error is None else float(gate_rec_error))
+            self.gate_first_update = (self.decision.gate_first_update if gate_first_update is None
+                                      else bool(gate_first_update))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{bundle.folder}: manifest field decision (or gate_lr) is not valid: {exc!r}") from None
         if self.gate_lr is not None and self.gate_lr != self.gate_lr:
             raise ConfigError("gate_lr must be a number or -inf (no gate), got NaN")
+        if self.gate_rec_error is not None and not self.gate_rec_error >= 0:
+            raise ConfigError(f"gate_rec_error must be a number >= 0 or None (no bound), got {self.gate_rec_error}")
         self.compact = bool(compact)
         self._projectors: dict[int, Projector | ParallelProjector] = {}
         self.last_batch: BatchOutput | None = None
@@ -190,6 +200,7 @@ class Inspector:
                     precision: str | None = None, cuda_graphs: bool | None = None, loops: int | None = None,
                     scale: float | None = None, tile_stride: int | None = None,
                     stop_rule: str | None = None, gate_lr: float | None = None, compact: bool = True,
+                    gate_rec_error: float | None = None, gate_first_update: bool | None = None,
                     **overrides: Any) -> "Inspector":
         """Load a bundle (``eproj export``) and pick a backend.
 
@@ -220,7 +231,14 @@ class Inspector:
             stop_rule: one of the bundle's ``stop_rules`` (e.g. "validation", "training-min"):
                 its stop threshold, iteration cap and zero-iteration gate; default the
                 bundle's ``stop_rule``. ``stop_threshold`` and ``max_iters`` overrides win.
-            gate_lr: the zero-iteration gate on Lr(x0) instead of the rule's (-inf: none).
+            gate_lr: the zero-iteration gate on Lr(x0) instead of the rule's (-inf: none); the
+                rule's comes with its ``gate_rec_error`` and ``gate_first_update``, a gate given
+                here with none and True unless they are given too.
+            gate_rec_error: with the gate, a tile passes it only if the largest pixel of its
+                reconstruction error (x0 - f(x0))^2 is at most this too; default the rule's.
+            gate_first_update: whether a gated tile keeps the first update (1 iteration, the
+                step at x0 on every tile) or takes no step (0 iterations: a forward pass, and
+                the step on the other tiles only); default the rule's (True where it has none).
             compact: finished tiles leave the batch the step graph runs on (same results).
             **overrides: projection parameters (alpha, lam, step, weighting, max_iters,
                 energy_tol, stop_threshold, adam_beta1, ...), default the bundle's.
@@ -232,15 +250,21 @@ class Inspector:
         for name in ("stop_threshold", "max_iters"):
             if rule.get(name) is not None and overrides.get(name) is None:
                 overrides[name] = rule[name]
+        rec_error, first_update = None, True
         if gate_lr is None:
             gate_lr = rule.get("gate_lr")
+            rec_error, first_update = rule.get("gate_rec_error"), bool(rule.get("gate_first_update", True))
         gate_lr = float("-inf") if gate_lr is None else gate_lr
+        if gate_rec_error is not None:
+            rec_error = gate_rec_error
+        if gate_first_update is not None:
+            first_update = bool(gate_first_update)
         config = bundle.projection_config(**overrides)
         chosen, note = create_backend(bundle, backend, device, threads=threads, precision=precision,
                                       cuda_graphs=cuda_graphs, loops=loops)
         log.info("eproj runtime: %s", note)
         return cls(bundle, chosen, config, method, fit, channel_order, batch_size, check_every, note, threads or 0,
-                   scale, tile_stride, gate_lr, compact, stop_rule)
+                   scale, tile_stride, gate_lr, compact, stop_rule, rec_error, first_update)
 
     def _projector(self, n: int) -> Projector | ParallelProjector:
         if n not in self._projectors:
@@ -248,7 +272,7 @@ class Inspector:
             gate = None if self.gate_lr is None or self.gate_lr == float("-inf") else self.gate_lr
             args = (n, self.bundle.channels, self.bundle.size, self.config, self.pixel_threshold, loop,
                     self.check_every, gate, self.decision.zero_iteration_map_scale, self.compact,
-                    self.decision.map_scale)
+                    self.decision.map_scale, self.gate_rec_error, self.gate_first_update)
             workers = min(self.backend.workers, n)
             self._projectors[n] = (ParallelProjector(self.backend.serial(), *args, workers=workers) if workers > 1
                                    else Projector(self.backend, *args))
@@ -347,7 +371,8 @@ class Inspector:
 
 def stop_rule_settings(manifest: dict[str, Any], rule: str | None) -> dict[str, Any]:
     """The settings of stop rule ``rule`` (default the manifest's ``stop_rule``): ``stop_threshold``,
-    ``max_iters`` and ``gate_lr``; {} for a bundle exported before stop rules were recorded."""
+    ``max_iters``, ``gate_lr`` (and ``gate_rec_error``, ``gate_first_update`` where calibrated);
+    {} for a bundle exported before stop rules were recorded."""
     rules = manifest.get("stop_rules") or {}
     name = rule or manifest.get("stop_rule")
     if name is None:

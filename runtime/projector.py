@@ -8,13 +8,29 @@ the loop early, so a GPU loop is not synchronised every iteration (on the CPU
 reading them is free and ``check_every`` is 1). Iterations run after every
 sample has stopped change nothing, so the result equals the reference's.
 
-The first iteration keeps f(x0) and Lr(x0) on the host (the image score and the
-frame range need them) and applies the zero-iteration gate (loop logic, the
-kernels are unchanged): a tile with Lr(x0) <= gate keeps the first update, which
-the step at x0 already paid for, and takes no further step. At each read of the stop flags the loop compacts: the
-tiles still active move into a Projector of their count, so a batch with one hard
-tile pays for one tile per iteration. A tile that took no step is mapped by its
-reconstruction's DSSIM map, scaled (``eproj.decision``).
+The first pass keeps f(x0) and Lr(x0) on the host (the image score and the frame
+range need them) and applies the zero-iteration gate (loop logic, the kernels are
+unchanged). A tile is finished at x0 when it is under the stop threshold there, or
+passes the gate: Lr(x0) <= ``gate_lr`` and, with ``gate_rec_error``, the largest
+pixel of its reconstruction error (x0 - f(x0))^2 (channel mean) at most that. The
+calibration chooses what a gated tile costs (``gate_first_update``):
+
+- it keeps the first update, which the step at x0 has paid for, and takes no further
+  step (1 iteration): the first pass is the step on every tile;
+- or it takes no step at all (projection x0, 0 iterations): the first pass is the
+  forward graph (x -> f(x), Lr(x): the step without its gradient half) on every tile
+  and the stop check, and only the tiles not finished go on to the step at x0 and the
+  first update, moved into a Projector of their count. A batch whose tiles are all
+  finished at x0 costs one forward pass. The same holds without a gate for the tiles
+  under the stop threshold at x0, which take no step either.
+
+Without a gate or a stop threshold no tile can finish at x0 and the loop starts with
+the step on every tile. The reconstruction baseline runs the forward graph alone.
+
+At each read of the stop flags the loop compacts: the tiles still active move into
+a Projector of their count, so a batch with one hard tile pays for one tile per
+iteration. A tile that took no step is mapped by its reconstruction's DSSIM map,
+scaled (``eproj.decision``).
 
 ``ParallelProjector`` splits a batch across loops that run side by side on a
 CPU backend with ``workers`` > 1. Every sample's iterations depend on that
@@ -24,6 +40,7 @@ sample alone, so the split changes no result.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -74,16 +91,21 @@ class Projector:
     """The loop for batches of exactly ``n`` tiles of (C, S, S) on one backend.
 
     ``gate_lr``: the zero-iteration gate (tiles with Lr(x0) <= it, or under the stop
-    threshold at x0, keep the first update and take no further step; None: no gate). ``zero_map_scale``: the factor of the reconstruction's DSSIM map that
-    stands for the map of a tile that took no step. ``compact``: finished tiles leave
-    the batch the step graph runs on (each later iteration runs on the tiles still
-    active only, through a Projector of that size); the result is the same.
+    threshold at x0, are finished there; None: no gate); ``gate_rec_error``: with the gate,
+    a tile passes it only if the largest pixel of its reconstruction error is at most this
+    too (None: Lr alone); ``gate_first_update``: a gated tile keeps the first update (1
+    iteration), else it takes no step (0 iterations; the forward graph alone runs on it).
+    ``zero_map_scale``: the factor of the reconstruction's DSSIM map that stands for the
+    map of a tile that took no step. ``compact``: finished tiles leave the batch the step
+    graph runs on (the tiles finished at x0 never enter it; each later iteration runs on
+    the tiles still active only, through a Projector of that size); the result is the same.
     """
 
     def __init__(self, backend: Backend, n: int, channels: int, size: int, config: ProjectionConfig,
                  dssim_threshold: float, method: str = "projection", check_every: int | None = None,
                  gate_lr: float | None = None, zero_map_scale: float = 1.0, compact: bool = True,
-                 map_scale: tuple[float, ...] | None = None):
+                 map_scale: tuple[float, ...] | None = None, gate_rec_error: float | None = None,
+                 gate_first_update: bool = True):
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
         if not zero_map_scale > 0:
@@ -92,6 +114,7 @@ class Projector:
         self.channels, self.size, self.dssim_threshold = channels, size, dssim_threshold
         self.gate_lr, self.zero_map_scale, self.compact = gate_lr, float(zero_map_scale), compact
         self.map_scale = map_scale
+        self.gate_rec_error, self.gate_first_update = gate_rec_error, bool(gate_first_update)
         self.check_every = check_every or (1 if backend.device == "cpu" else 8)
         b = backend
         shape = (n, channels, size, size)
@@ -113,6 +136,7 @@ class Projector:
         stream = b.stream
 
         self._step = b.prepare_step(self.x, self.reconstruction, self.loss, self.grad)
+        self._forward_call: Callable[[], None] | None = None  # prepared by the first forward pass
         self._stop = kernels.prepare_stop_check(self.loss, self.distance, self.iterations, self.active,
                                                 self.previous, self.reason, self.final_loss, self.final_energy,
                                                 config=config, stream=stream)
@@ -178,35 +202,98 @@ class Projector:
                                          self.dssim_threshold, self.method, self.check_every, compact=False)
         return self._smaller[k]
 
-    def _first_iteration(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The step on x0 for the whole batch, the stop check, the gate and the first update.
-        Returns Lr(x0) (n,), f(x0) (n, C, S, S) and the gated tiles (n,) bool."""
+    def _forward(self) -> None:
+        """The forward graph on x0 into ``reconstruction`` and ``loss`` (f(x0), Lr(x0))."""
+        if self._forward_call is None:
+            self._forward_call = self.backend.prepare_forward(self.x0, self.reconstruction, self.loss)
+        self._forward_call()
+
+    def _forward_first(self) -> bool:
+        """Whether the first pass is the forward graph: where no step follows (the reconstruction,
+        max_iters 0), or where a tile finished at x0 takes no step (a gate whose tiles do not keep
+        the first update; without a gate, a stop threshold) and only the others take the step."""
+        if self.method != "projection" or self.config.max_iters == 0:
+            return True
+        if self.gate_lr is not None:
+            return not self.gate_first_update
+        threshold = self.config.stop_threshold
+        return threshold is not None and threshold > float("-inf")
+
+    def _passes_gate(self, lr0: np.ndarray, x0: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+        """(n,) bool: Lr(x0) <= gate_lr and, with ``gate_rec_error``, the largest pixel of the
+        reconstruction error (``rec_error_map``) at most it."""
+        assert self.gate_lr is not None
+        passed = lr0 <= self.gate_lr
+        if self.gate_rec_error is not None:
+            passed &= rec_error_map(x0, reconstruction).reshape(self.n, -1).max(axis=1) <= self.gate_rec_error
+        return passed
+
+    def _first_pass(self, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, _Carry | None]:
+        """Lr(x0) and f(x0), the stop check and the gate, and the step at x0 with the first update
+        for the tiles that take it; ``x0`` (n, C, S, S) the batch on the host. Returns Lr(x0) (n,),
+        f(x0) (n, C, S, S), the gated tiles (n,) bool and where the loop carries on (None: no
+        tile takes a step)."""
         b = self.backend
-        self._step()
-        lr0, reconstruction = b.download(self.loss), b.download(self.reconstruction)
         gated = np.zeros(self.n, bool)
-        if self.method != "projection":
-            return lr0, reconstruction, gated
-        self._stop()
-        if self.config.max_iters > 0:
+        if not self._forward_first():  # every tile takes the step at x0: it gives f(x0) and Lr(x0)
+            self._step()
+            lr0, reconstruction = b.download(self.loss), b.download(self.reconstruction)
+            self._stop()
             if self.gate_lr is not None:
-                # finished at x0: under the gate, or stopped by the threshold (all were active before
-                # the check); they keep the first update, which the step at x0 paid for
-                gated = ~b.download(self.active).astype(bool) | (lr0 <= self.gate_lr)
+                # finished at x0: stopped by the threshold (all were active before the check), or
+                # passing the gate; they keep the first update and take no further step
+                gated = ~b.download(self.active).astype(bool) | self._passes_gate(lr0, x0, reconstruction)
                 if gated.any():
                     b.upload(self.active, np.ones(self.n, np.uint8))
             self._update()
             if gated.any():
                 b.upload(self.active, (~gated).astype(np.uint8))
-        return lr0, reconstruction, gated
+            return lr0, reconstruction, gated, _Carry(self, np.arange(self.n), None)
+        self._forward()
+        lr0, reconstruction = b.download(self.loss), b.download(self.reconstruction)
+        if self.method != "projection":
+            return lr0, reconstruction, gated, None
+        self._stop()  # records Lr(x0) as every tile's final loss (all are active before it)
+        if self.config.max_iters == 0:
+            return lr0, reconstruction, gated, None
+        # finished at x0: stopped by the threshold, or passing the gate; they take no step
+        finished = ~b.download(self.active).astype(bool)
+        if self.gate_lr is not None:
+            finished |= self._passes_gate(lr0, x0, reconstruction)
+            gated = finished
+        if finished.all():
+            return lr0, reconstruction, gated, None
+        return lr0, reconstruction, gated, self._first_step(finished)
 
-    def _loop(self) -> None:
-        """Iterations 2 .. max_iters and the last iterate's stop check. Every ``check_every``
-        iterations the host reads the stop flags: it ends the loop when none is active and,
-        with ``compact``, moves the active tiles into a smaller Projector (the finished ones
-        keep their state on the host). At the end, ``self`` holds every tile's state."""
+    def _first_step(self, finished: np.ndarray) -> _Carry:
+        """The step at x0 and the first update of the tiles not ``finished`` (n,) bool, after the
+        forward pass and the stop check: with ``compact`` and a tile finished, on a Projector of
+        the others only (the stop check's state moves with them)."""
         b = self.backend
-        work, rows, finished = self, np.arange(self.n), None
+        if not finished.any() or not self.compact:
+            if finished.any():
+                b.upload(self.active, (~finished).astype(np.uint8))
+            self._step()  # f(x0) and Lr(x0) again, as the update reads them, and the gradient
+            self._update()
+            return _Carry(self, np.arange(self.n), None)
+        state = self._download_state()
+        state["active"] = (~finished).astype(np.uint8)
+        rows = np.nonzero(~finished)[0]
+        work = self._smaller_projector(len(rows))
+        work._upload_state({name: value[rows] for name, value in state.items()})
+        work._step()
+        work._update()
+        return _Carry(work, rows, state)
+
+    def _loop(self, carry: _Carry) -> None:
+        """Iterations 2 .. max_iters and the last iterate's stop check, from ``carry`` (the first
+        step's projector and rows). Every ``check_every`` iterations the host reads the stop
+        flags: it ends the loop when none is active and, with ``compact``, moves the active
+        tiles into a smaller Projector (the finished ones keep their state on the host). The
+        last iterate's step and stop check run only where a tile is still active (they record
+        nothing for the others). At the end, ``self`` holds every tile's state."""
+        b = self.backend
+        work, rows, finished = carry.work, carry.rows, carry.state
         for t in range(2, self.config.max_iters + 1):
             if (t - 1) % self.check_every == 0:
                 active = b.download(work.active).astype(bool)
@@ -224,8 +311,9 @@ class Projector:
                     work = self._smaller_projector(len(keep))
                     work._upload_state({name: value[keep] for name, value in state.items()})
             work._iteration()
-        work._step()  # the last iterate: its loss, and the stop check's final record
-        work._stop()
+        if b.download(work.active).any():  # the last iterate: its loss, and the stop check's final record
+            work._step()
+            work._stop()
         if work is not self:
             assert finished is not None
             for name, value in work._download_state().items():
@@ -239,16 +327,16 @@ class Projector:
         b = self.backend
         start = time.perf_counter()
         self._reset(x0, mask)
-        lr0, reconstruction, gated = self._first_iteration()
-        if self.method == "projection" and self.config.max_iters > 0:
-            self._loop()
+        lr0, reconstruction, gated, carry = self._first_pass(x0)
+        if carry is not None:
+            self._loop(carry)
         b.synchronize()
         looped = time.perf_counter()
         self._dssim()
         iterations = b.download(self.iterations).astype(np.int64)
         still = np.nonzero(iterations == 0)[0] if self.method == "projection" else np.zeros(0, np.int64)
-        if len(still):  # the projection of these is x0: f(x0) is still in the reconstruction buffer
-            if self.config.max_iters > 0:
+        if len(still):  # the projection of these is x0: their map is f(x0)'s
+            if carry is not None and carry.work is self:
                 b.upload(self.reconstruction, reconstruction)  # the loop overwrote it
             self._recon_dssim()
         b.synchronize()
@@ -279,6 +367,17 @@ class Projector:
         """Nothing of its own to release: its buffers belong to the backend."""
 
 
+@dataclass
+class _Carry:
+    """Where the loop carries on after the first step: ``work`` the Projector running the
+    tiles that took it, ``rows`` (k,) their rows in the batch, ``state`` every tile's state
+    on the host (``_download_state``) when ``work`` is a smaller Projector, else None."""
+
+    work: Projector
+    rows: np.ndarray
+    state: dict[str, np.ndarray] | None
+
+
 def concatenate(parts: list[BatchOutput]) -> BatchOutput:
     """One BatchOutput of the parts' tiles in order; timings are left to the caller."""
     if len(parts) == 1:
@@ -302,14 +401,16 @@ class ParallelProjector:
     def __init__(self, backend: Backend, n: int, channels: int, size: int, config: ProjectionConfig,
                  dssim_threshold: float, method: str = "projection", check_every: int | None = None,
                  gate_lr: float | None = None, zero_map_scale: float = 1.0, compact: bool = True,
-                 map_scale: tuple[float, ...] | None = None, workers: int = 2):
+                 map_scale: tuple[float, ...] | None = None, gate_rec_error: float | None = None,
+                 gate_first_update: bool = True, workers: int = 2):
         if not 2 <= workers <= n:
             raise ConfigError(f"a parallel projector needs 2 <= workers <= n, got workers={workers}, n={n}")
         self.n, self.backend = n, backend
         sizes = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
         self.bounds = np.cumsum([0] + sizes)
         self.parts = [Projector(backend, k, channels, size, config, dssim_threshold, method, check_every,
-                                gate_lr, zero_map_scale, compact, map_scale) for k in sizes]
+                                gate_lr, zero_map_scale, compact, map_scale, gate_rec_error, gate_first_update)
+                      for k in sizes]
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eproj-loop")
 
     def close(self) -> None:

@@ -1,9 +1,10 @@
 """The base class of the runtime's inference backends.
 
 A backend owns device memory and runs the bundle's step graph (x ->
-reconstruction, Lr, grad_x Lr) into buffers that stay put. The projection loop
-(``eproj.runtime.projector``) is written once against this interface; the fused
-kernels of ``eproj.cpp_ext`` run on the same buffers, on the backend's stream.
+reconstruction, Lr, grad_x Lr) and its forward graph (x -> reconstruction, Lr:
+the step without its gradient half) into buffers that stay put. The projection
+loop (``eproj.runtime.projector``) is written once against this interface; the
+fused kernels of ``eproj.cpp_ext`` run on the same buffers, on the backend's stream.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ import numpy as np
 from eproj.runtime.bundle import Bundle
 
 STEP_OUTPUTS = ("reconstruction", "loss", "grad")
+FORWARD_OUTPUTS = ("reconstruction", "loss")
+
+
+def buffer_shape(buffer: Any) -> tuple[int, ...]:
+    """The shape of a buffer from ``Backend.empty`` (a NumPy array, a torch tensor or a CUDA array)."""
+    interface = getattr(buffer, "__cuda_array_interface__", None)
+    return tuple(int(d) for d in (interface["shape"] if interface is not None else buffer.shape))
 
 
 class Backend(ABC):
@@ -59,6 +67,15 @@ class Backend(ABC):
     @abstractmethod
     def prepare_step(self, x: Any, reconstruction: Any, loss: Any, grad: Any) -> Callable[[], None]:
         """A call that runs the step graph on ``x`` into the three output buffers."""
+
+    def prepare_forward(self, x: Any, reconstruction: Any, loss: Any) -> Callable[[], None]:
+        """A call that runs the forward graph on ``x`` (N, C, S, S) float32 into ``reconstruction``
+        f(x) (N, C, S, S) and ``loss`` Lr(x) (N,), the step graph's first two outputs.
+
+        This default runs the step graph, its gradient written to a buffer of its own and
+        ignored: the same outputs at the step's cost. Backends override it to run the bundle's
+        forward graph where the bundle has one (bundles exported before it have not)."""
+        return self.prepare_step(x, reconstruction, loss, self.empty(buffer_shape(x), "float32"))
 
     # -- execution ---------------------------------------------------------
     def synchronize(self) -> None:

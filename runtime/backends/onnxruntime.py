@@ -1,7 +1,9 @@
 """ONNX Runtime: the CPU provider (the embedded default), or the CUDA provider when
 onnxruntime-gpu is installed. The step graph runs with I/O binding: its input
 and outputs are bound once to the loop's buffers, so nothing is copied per
-iteration.
+iteration. The forward graph (``prepare_forward``) runs the same way in a session
+of its own, made when first asked for; at ``precision="fp16"``, and for bundles
+exported before the forward graph, the step graph stands in for it.
 
 On the CPU, a batch of two or more tiles is split across ``threads`` loops run
 side by side, each calling a one-thread session (``workers``, ``serial``); a
@@ -13,6 +15,7 @@ not."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -85,7 +88,9 @@ class OnnxRuntimeBackend(Backend):
         # from the verified bytes, never the path: what runs is what the manifest hashed
         graph = bundle.graph_bytes("step_fp16" if precision == "fp16" else "step")
         self.session = ort.InferenceSession(graph, options, providers=[provider])
-        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._options, self._provider = options, provider
+        self._forward_session: Any = None  # made by the first prepare_forward
+        self._forward_lock = threading.Lock()
 
     def serial(self) -> "OnnxRuntimeBackend":
         if self.workers == 1:
@@ -112,20 +117,43 @@ class OnnxRuntimeBackend(Backend):
         return src.value.numpy()
 
     def prepare_step(self, x: Any, reconstruction: Any, loss: Any, grad: Any) -> Callable[[], None]:
-        binding = self.session.io_binding()
+        if self.session is None:
+            raise ConfigError("this onnxruntime backend is closed")
+        return self._bound(self.session, x, {"reconstruction": reconstruction, "loss": loss, "grad": grad})
+
+    def prepare_forward(self, x: Any, reconstruction: Any, loss: Any) -> Callable[[], None]:
+        if self.session is None:
+            raise ConfigError("this onnxruntime backend is closed")
+        session = self._forward()
+        if session is None:
+            return super().prepare_forward(x, reconstruction, loss)
+        return self._bound(session, x, {"reconstruction": reconstruction, "loss": loss})
+
+    def _forward(self) -> Any:
+        """The forward graph's session (made once), or None where the step graph stands in for
+        it: at fp16 (there is no float16 forward graph) or in a bundle exported without it."""
+        if self.precision != "fp32" or "forward" not in self.bundle.manifest["graphs"]:
+            return None
+        with self._forward_lock:
+            if self._forward_session is None:
+                self._forward_session = self._ort.InferenceSession(self.bundle.graph_bytes("forward"), self._options,
+                                                                   providers=[self._provider])
+            return self._forward_session
+
+    def _bound(self, session: Any, x: Any, given: dict[str, Any]) -> Callable[[], None]:
+        """A call of ``session`` with ``x`` and the outputs named in ``given`` bound to those
+        buffers; the outputs not given (the VAE step's kl and kl_grad) get buffers of their own."""
+        binding = session.io_binding()
         shape = tuple(x.shape)
         binding.bind_input("x", self.device, 0, np.float32, list(shape), _pointer(x))
-        given = {"reconstruction": reconstruction, "loss": loss, "grad": grad}
-        # the VAE graphs also output kl and kl_grad: bound to buffers of their own
         extra = {"kl": self.empty((shape[0],), "float32"), "kl_grad": self.empty(shape, "float32")}
         keep = []
-        for name in self._outputs:
+        for name in (o.name for o in session.get_outputs()):
             buffer = given.get(name, extra.get(name))
             if buffer is None:
-                raise RuntimeError(f"unexpected step output {name!r}")
+                raise RuntimeError(f"unexpected output {name!r} of an onnxruntime session")
             keep.append(buffer)
             binding.bind_output(name, self.device, 0, np.float32, list(buffer.shape), _pointer(buffer))
-        session = self.session
         if self.device == "cuda":
             from eproj.cpp_ext import cuda_synchronize
 
@@ -147,6 +175,7 @@ class OnnxRuntimeBackend(Backend):
             self._serial.close()
             self._serial = None
         self.session = None
+        self._forward_session = None
 
     def describe(self) -> str:
         if self.device == "cuda":

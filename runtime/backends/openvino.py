@@ -11,7 +11,9 @@ keeps that finding as a regression check. With its own copy per node, the result
 matches ONNX Runtime's (the parity tests).
 
 The step graph runs on infer requests whose input and outputs wrap the loop's NumPy
-buffers (shared memory), so nothing is copied per iteration. Threads as in the
+buffers (shared memory), so nothing is copied per iteration. The forward graph
+(``prepare_forward``) is compiled the same way (untied too) when first asked for; for a
+bundle exported before it, the step graph stands in for it. Threads as in the
 onnxruntime backend: a batch of two or more tiles is split across ``loops`` loops
 side by side (default ``threads``, or every core), each running its requests on a
 stream of one thread of a compiled model with one stream per loop; a single tile
@@ -25,6 +27,7 @@ asynchronously and wait, so each runs on a stream (and graph) of its own.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -175,8 +178,8 @@ class OpenVinoBackend(Backend):
             raise ConfigError(f"streams must be an integer >= 1, got {streams!r}")
         graph, self.untied = untied_graph_bytes(bundle.graph_bytes("step"))
         self.compiled = compile_step(graph, threads, streams)
-        # each output's tensor names (an output may carry an inner node's name too)
-        self._outputs = [set(output.get_names()) for output in self.compiled.outputs]
+        self._compiled_forward: Any = None  # compiled by the first prepare_forward
+        self._forward_lock = threading.Lock()
         self._serial: OpenVinoBackend | None = None
 
     def serial(self) -> "OpenVinoBackend":
@@ -201,23 +204,39 @@ class OpenVinoBackend(Backend):
                      grad: np.ndarray) -> Callable[[], None]:
         if self.compiled is None:
             raise ConfigError("this openvino backend is closed")
+        return self._request(self.compiled, x, {"reconstruction": reconstruction, "loss": loss, "grad": grad})
+
+    def prepare_forward(self, x: np.ndarray, reconstruction: np.ndarray, loss: np.ndarray) -> Callable[[], None]:
+        if self.compiled is None:
+            raise ConfigError("this openvino backend is closed")
+        if "forward" not in self.bundle.manifest["graphs"]:
+            return super().prepare_forward(x, reconstruction, loss)
+        with self._forward_lock:
+            if self._compiled_forward is None:
+                graph, _ = untied_graph_bytes(self.bundle.graph_bytes("forward"))
+                self._compiled_forward = compile_step(graph, self.threads, self.streams)
+        return self._request(self._compiled_forward, x, {"reconstruction": reconstruction, "loss": loss})
+
+    def _request(self, compiled: Any, x: np.ndarray, given: dict[str, np.ndarray]) -> Callable[[], None]:
+        """A call of an infer request of ``compiled`` whose input wraps ``x`` and whose outputs wrap
+        the buffers named in ``given``; the outputs not given (the VAE step's kl and kl_grad) get
+        buffers of their own."""
         ov = self._ov
-        for name, buffer in (("x", x), ("reconstruction", reconstruction), ("loss", loss), ("grad", grad)):
+        for name, buffer in (("x", x), *given.items()):
             if not (isinstance(buffer, np.ndarray) and buffer.dtype == np.float32 and buffer.flags.c_contiguous):
-                raise RuntimeError(f"step buffer {name} must be a C-contiguous float32 NumPy array, got "
+                raise RuntimeError(f"graph buffer {name} must be a C-contiguous float32 NumPy array, got "
                                    f"{type(buffer).__name__} {getattr(buffer, 'dtype', '')}")
         shape = tuple(x.shape)
-        request = self.compiled.create_infer_request()
+        request = compiled.create_infer_request()
         request.set_input_tensor(ov.Tensor(x, shared_memory=True))
-        given = {"reconstruction": reconstruction, "loss": loss, "grad": grad}
-        # the VAE graphs also output kl and kl_grad: bound to buffers of their own
         extra = {"kl": self.empty((shape[0],), "float32"), "kl_grad": self.empty(shape, "float32")}
         keep = [x]
         known = {**given, **extra}
-        for index, names in enumerate(self._outputs):
+        # each output's tensor names (an output may carry an inner node's name too)
+        for index, names in enumerate(set(output.get_names()) for output in compiled.outputs):
             found = sorted(names & set(known))
             if len(found) != 1:
-                raise RuntimeError(f"step output {index} has names {sorted(names)}; expected one of {sorted(known)}")
+                raise RuntimeError(f"graph output {index} has names {sorted(names)}; expected one of {sorted(known)}")
             buffer = known[found[0]]
             keep.append(buffer)
             request.set_output_tensor(index, ov.Tensor(buffer, shared_memory=True))
@@ -239,6 +258,7 @@ class OpenVinoBackend(Backend):
             self._serial.close()
             self._serial = None
         self.compiled = None
+        self._compiled_forward = None
 
     def describe(self) -> str:
         version = self._ov.get_version().split("-")[0]

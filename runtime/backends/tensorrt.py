@@ -18,6 +18,11 @@ check, update) is captured in a CUDA graph and replayed; if capture fails it fal
 back to plain launches and says so. ``close()`` (also run by ``__del__``) waits for
 the stream and destroys the graph executions, contexts, device memory and stream.
 
+The forward pass (``prepare_forward``: the zero-iteration gate's first pass, the
+reconstruction baseline) runs on the step engine with its gradient bound to a buffer of
+its own and ignored (``Backend.prepare_forward``): ``eproj build-engine`` builds no
+engine of the forward graph.
+
 Written to NVIDIA's documented TensorRT 10/11 Python API and type-checked with mypy
 against stubs generated from the real bindings of both (tests/tensorrt_stubs); it
 has not run on a GPU.

@@ -1,6 +1,8 @@
 """PyTorch: the bundle's step program (``step.pt2``, the step graph exported with
 ``torch.export``: forward operators only, no autograd, weights included) on the
-CPU or on CUDA. It needs torch alone, not eproj's training or export code; the
+CPU or on CUDA, and its forward program (``forward.pt2``, x -> reconstruction, Lr),
+loaded when first asked for (for a bundle exported before it, the step program stands
+in for it). It needs torch alone, not eproj's training or export code; a
 program is loaded from the bytes whose hash was checked (``Bundle.file_bytes``), never
 reopened by path. On CUDA every iteration (step
 program, stop check, update) is captured in one CUDA graph after a warm-up and
@@ -9,6 +11,7 @@ replayed; if capture fails, it falls back to plain launches and says so."""
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -25,13 +28,26 @@ def load_step_program(bundle: Bundle, device: str) -> Any:
     """The bundle's step program as a callable module on ``device`` (any torch device:
     "cpu", "cuda", "meta", ...): x (N, C, S, S) -> reconstruction, loss, grad (and kl,
     kl_grad for the variational families)."""
+    if "torch_step" not in bundle.manifest:
+        raise BundleError(f"{bundle.folder} carries no torch step program (step.pt2), which the torch backend "
+                          "runs; export the bundle again with this eproj")
+    return _load_program(bundle, "torch_step", device)
+
+
+def load_forward_program(bundle: Bundle, device: str) -> Any:
+    """The bundle's forward program as a callable module on ``device``: x (N, C, S, S) ->
+    reconstruction, loss; None for a bundle exported before it (no ``torch_forward``)."""
+    if "torch_forward" not in bundle.manifest:
+        return None
+    return _load_program(bundle, "torch_forward", device)
+
+
+def _load_program(bundle: Bundle, section: str, device: str) -> Any:
+    """The program of manifest section ``section`` (which names its file) on ``device``."""
     import torch
     from torch.export.passes import move_to_device_pass
 
-    entry = bundle.manifest.get("torch_step")
-    if entry is None:
-        raise BundleError(f"{bundle.folder} carries no torch step program (step.pt2), which the torch backend "
-                          "runs; export the bundle again with this eproj")
+    entry = bundle.manifest[section]
     path = bundle.folder / entry["file"]
     data = bundle.file_bytes(entry["file"])
     try:
@@ -71,6 +87,8 @@ class TorchBackend(Backend):
         self.captured = False
         self.kernel_threads = 1  # torch's OpenMP threads spin between ops, like ONNX Runtime's
         self.module = load_step_program(bundle, device)
+        self._forward_module: Any = None  # loaded by the first prepare_forward
+        self._forward_lock = threading.Lock()
         self._graph: Any = None
         if device == "cuda":
             self._stream = torch.cuda.Stream()
@@ -108,6 +126,24 @@ class TorchBackend(Backend):
 
         return step
 
+    def prepare_forward(self, x: Any, reconstruction: Any, loss: Any) -> Callable[[], None]:
+        if self.module is None:
+            raise ConfigError("this torch backend is closed")
+        if "torch_forward" not in self.bundle.manifest:
+            return super().prepare_forward(x, reconstruction, loss)
+        with self._forward_lock:
+            if self._forward_module is None:
+                self._forward_module = load_forward_program(self.bundle, self.device)
+        module, torch = self._forward_module, self._torch
+
+        def forward() -> None:
+            with torch.no_grad(), self._on_stream():
+                out = module(x)
+                reconstruction.copy_(out[0])
+                loss.copy_(out[1])
+
+        return forward
+
     def capture(self, iteration: Callable[[], None]) -> Callable[[], None]:
         if not self.cuda_graphs:
             return iteration
@@ -138,6 +174,7 @@ class TorchBackend(Backend):
         """Release the captured graph, the program's weights and the stream. Idempotent."""
         self._graph = None
         self.module = None
+        self._forward_module = None
         if self.device == "cuda" and getattr(self, "_stream", None) is not None:
             self._stream.synchronize()
             self._stream = None

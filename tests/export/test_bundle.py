@@ -17,7 +17,7 @@ from eproj.train.data import resize
 from eproj.train.losses import kl_divergence, reconstruction_loss
 from eproj.train.models import FAMILIES
 
-GRAPHS = ("encoder.onnx", "decoder.onnx", "step.onnx", "step_fp16.onnx")
+GRAPHS = ("encoder.onnx", "decoder.onnx", "step.onnx", "step_fp16.onnx", "forward.onnx")
 
 
 def _inputs(batch: int) -> np.ndarray:
@@ -55,9 +55,30 @@ def test_step_graph_matches_autograd(bundles, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_forward_graph_is_the_step_graph_without_its_gradient(bundles, family):
+    """forward.onnx gives the step graph's reconstruction and loss (same names, dtypes and
+    shapes) on ONNX Runtime, and no gradient."""
+    _, folder = bundles[family]
+    providers = ["CPUExecutionProvider"]
+    step = ort.InferenceSession(str(folder / "step.onnx"), providers=providers)
+    forward = ort.InferenceSession(str(folder / "forward.onnx"), providers=providers)
+    assert [o.name for o in forward.get_outputs()] == ["reconstruction", "loss"]
+    x = _inputs(5)
+    want = dict(zip([o.name for o in step.get_outputs()], step.run(None, {"x": x})))
+    got = dict(zip([o.name for o in forward.get_outputs()], forward.run(None, {"x": x})))
+    for name in ("reconstruction", "loss"):
+        assert got[name].dtype == want[name].dtype == np.float32 and got[name].shape == want[name].shape
+        assert _norm_relative(got[name], want[name]) <= 1e-5, name
+    manifest = load_manifest(folder)
+    assert manifest["graphs"]["forward"]["outputs"] == {k: v for k, v in manifest["graphs"]["step"]["outputs"].items()
+                                                       if k in ("reconstruction", "loss")}
+    assert manifest["torch_forward"]["file"] == "forward.pt2" and "forward.pt2" in manifest["files"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_graphs_pass_the_checker_and_stay_in_the_operator_list(bundles, family):
     _, folder = bundles[family]
-    for name in GRAPHS if family != "unet" else ("step.onnx", "step_fp16.onnx"):  # a unet bundle: no encoder/decoder
+    for name in GRAPHS if family != "unet" else ("step.onnx", "step_fp16.onnx", "forward.onnx"):  # no encoder/decoder
         model = onnx.load(str(folder / name))
         onnx.checker.check_model(model, full_check=True)
         assert graph_ops(folder / name) <= ALLOWED_OPS, name
@@ -83,7 +104,7 @@ def test_manifest_round_trip(bundles):
     manifest = load_manifest(folder)
     assert manifest["family"] == "gvae" and manifest["input"]["size"] == 32
     assert manifest["stop_threshold"] == pytest.approx(trained.stop_threshold)
-    assert set(manifest["files"]) == set(GRAPHS) | {"model.pt", "step.pt2"}
+    assert set(manifest["files"]) == set(GRAPHS) | {"model.pt", "step.pt2", "forward.pt2"}
     assert manifest["torch_step"]["file"] == "step.pt2" and manifest["torch_step"]["torch"] == torch.__version__
     assert manifest["weights"]["file"] == "model.pt" and manifest["input"]["fit"] in ("tile", "resize")
     from eproj.train.checkpoint import load_model
@@ -302,7 +323,7 @@ def _engine_outside(manifest, copy):
     (_step_outside, r"graphs\.step\.file is '\.\./outside/step\.onnx'; a bundle file must be a relative path "
                     r"inside the bundle folder"),
     (_step_absolute, r"graphs\.step\.file is '/.*step\.onnx'; a bundle file must be a relative path"),
-    (_files_emptied_and_a_byte_flipped, r"graphs\.(encoder|decoder|step|step_fp16)\.file names '.*\.onnx', "
+    (_files_emptied_and_a_byte_flipped, r"graphs\.(encoder|decoder|step|step_fp16|forward)\.file names '.*\.onnx', "
                                         r"which is not listed under files"),
     (_passwd, r"graphs\.encoder\.file is '\.\./\.\./\.\./\.\./etc/passwd'"),
     (_symlink_leaving, r"graphs\.step\.file is 'step\.onnx', which resolves to .*elsewhere\.onnx, outside "
@@ -357,7 +378,7 @@ NAN, INF = float("nan"), float("inf")
     (_set(("files", "step.onnx", "bytes"), -1), r"files\['step\.onnx'\]\.bytes must be an integer >= 0"),
     (_set(("graphs",), []), r"field graphs must be an object, got \[\] \(list\)"),
     (_set(("graphs", "extra"), {"file": "step.onnx", "inputs": {}, "outputs": {}}),
-     r"graphs key 'extra' must be one of \('encoder', 'decoder', 'step', 'step_fp16'\)"),
+     r"graphs key 'extra' must be one of \('encoder', 'decoder', 'step', 'step_fp16', 'forward'\)"),
     (_set(("graphs", "step", "inputs", "x"), "N,1,32,32"), r"graphs\.step\.inputs\.x must be a list of dimensions"),
     (lambda m, c: m["graphs"].pop("step"), r"graphs lacks \['step'\]"),
     (lambda m, c: m.pop("segmentation"), r"lacks the keys \['segmentation'\]"),

@@ -142,3 +142,16 @@ def test_unet_step_matches_autograd_where_pooling_windows_tie(tiny_model):
     want, got = _autograd(model, x), _analytic(model, x)
     for name in want:
         assert _relative_error(got[name], want[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("family,architecture,size", SHAPES)
+def test_forward_module_gives_the_steps_reconstruction_and_loss(tiny_model, family, architecture, size):
+    """``gradient=False`` (the forward graph) runs the step's own code up to Lr: the same two
+    values, bit for bit, and nothing else."""
+    model = tiny_model(family, size=size, architecture=architecture)
+    x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        step = StepModule(model)(x)
+        forward = StepModule(model, gradient=False)(x)
+    assert len(forward) == 2
+    assert torch.equal(forward[0], step[0]) and torch.equal(forward[1], step[1])

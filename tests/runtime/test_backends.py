@@ -66,6 +66,85 @@ def test_torch_step_program_matches_the_step_module(bundles):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
+def test_torch_forward_program_matches_the_forward_module(bundles):
+    from eproj.export.step import StepModule
+    from eproj.runtime.backends.torch import load_forward_program
+
+    trained, folder = bundles["dsae"]
+    module = load_forward_program(Bundle.load(folder), "cpu")
+    x = torch.rand(4, trained.model.config.channels, trained.model.config.size, trained.model.config.size)
+    with torch.no_grad():
+        want = StepModule(trained.model.float().eval(), gradient=False)(x)
+        got = module(x)
+    assert len(got) == 2
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def _without_forward(folder, tmp_path):
+    """A copy of bundle ``folder`` as exported before the forward graph: no forward.onnx, no forward.pt2."""
+    import json
+    import shutil
+
+    copy = tmp_path / "old-bundle"
+    shutil.copytree(folder, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["graphs"].pop("forward")
+    manifest.pop("torch_forward")
+    for name in ("forward.onnx", "forward.pt2"):
+        manifest["files"].pop(name)
+        (copy / name).unlink()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", "openvino"])
+@pytest.mark.parametrize("exported", ["with", "without"])
+def test_the_forward_pass_gives_the_steps_reconstruction_and_loss(bundles, tmp_path, backend, exported):
+    """``prepare_forward`` on the bundle's forward graph, and on a bundle exported before it (the
+    step graph stands in): the step's reconstruction and Lr, into the buffers given."""
+    from eproj.runtime.backends import create_backend
+
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino onnx)")
+    folder = bundles["vae"][1] if exported == "with" else _without_forward(bundles["vae"][1], tmp_path)
+    bundle = Bundle.load(folder)
+    assert ("forward" in bundle.manifest["graphs"]) == (exported == "with")
+    chosen, _ = create_backend(bundle, backend, "cpu")
+    shape = (3, bundle.channels, bundle.size, bundle.size)
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    buffers = [chosen.empty(shape, "float32"), chosen.empty(shape, "float32"), chosen.empty((3,), "float32"),
+               chosen.empty(shape, "float32")]
+    chosen.upload(buffers[0], x)
+    chosen.prepare_step(*buffers)()
+    want = [chosen.download(b) for b in buffers[1:3]]
+    got = [chosen.empty(shape, "float32"), chosen.empty((3,), "float32")]
+    chosen.prepare_forward(buffers[0], *got)()
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(chosen.download(g), w, rtol=1e-5, atol=1e-6)
+    chosen.close()
+
+
+def test_a_bundle_without_the_forward_graph_inspects_as_before(bundles, tmp_path):
+    """Gated tiles that take no step and all: the step graph stands in for the forward graph, with
+    the same results."""
+    from eproj.runtime import Inspector
+
+    frames = np.random.default_rng(1).random((4, 32, 32)).astype(np.float32)
+    options = dict(backend="onnxruntime", max_iters=5, fit="none", threads=1, stop_rule="training-min",
+                   gate_first_update=False)
+    probe = Inspector.from_bundle(bundles["l2ae"][1], **options)
+    probe(list(frames))
+    gate = float(np.sort(probe.last_batch.lr0)[1])  # two of the four gated
+    new = Inspector.from_bundle(bundles["l2ae"][1], gate_lr=gate, **options)(list(frames))
+    old = Inspector.from_bundle(_without_forward(bundles["l2ae"][1], tmp_path), gate_lr=gate, **options)(list(frames))
+    assert [r.stop_reasons for r in new].count(["gate"]) == 2 and [r.iterations for r in new].count(0) == 2
+    for a, b in zip(new, old):
+        assert a.iterations == b.iterations and a.stop_reasons == b.stop_reasons
+        np.testing.assert_allclose(a.projection, b.projection, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=0, atol=1e-5)
+
+
 def test_torch_backend_needs_no_training_code(bundles, tmp_path):
     """A bundle without the torch program is refused with an export hint, even where the
     checkpoint (model.pt) is there: the backend never rebuilds the model from training code."""

@@ -379,7 +379,8 @@ def test_bad_options_are_refused_where_they_enter(bundles, options, message):
 
 @pytest.fixture(scope="module")
 def poisoned_bundle(bundles, tmp_path_factory):
-    """The l2ae bundle with one weight of its step graph all NaN, re-hashed as a damaged export would be."""
+    """The l2ae bundle with one weight of its step and forward graphs all NaN, re-hashed as a damaged
+    export would be."""
     import os
 
     import onnx
@@ -389,14 +390,16 @@ def poisoned_bundle(bundles, tmp_path_factory):
 
     src, dst = bundles["l2ae"][1], tmp_path_factory.mktemp("poisoned") / "bundle"
     dst.mkdir()
+    poisoned = ("step.onnx", "forward.onnx")
     for p in src.iterdir():
-        if p.name not in ("step.onnx", "manifest.json"):
+        if p.name not in (*poisoned, "manifest.json"):
             os.link(p, dst / p.name)
-    graph = onnx.load(str(src / "step.onnx"))
-    weight = next(t for t in graph.graph.initializer if numpy_helper.to_array(t).size > 1
-                  and numpy_helper.to_array(t).dtype == np.float32)
-    weight.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(weight), np.nan), weight.name))
-    onnx.save(graph, str(dst / "step.onnx"))
+    for name in poisoned:
+        graph = onnx.load(str(src / name))
+        weight = next(t for t in graph.graph.initializer if numpy_helper.to_array(t).size > 1
+                      and numpy_helper.to_array(t).dtype == np.float32)
+        weight.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(weight), np.nan), weight.name))
+        onnx.save(graph, str(dst / name))
     manifest = json.loads((src / "manifest.json").read_text())
     write_manifest(dst, {k: v for k, v in manifest.items() if k not in ("schema_version", "files")})
     return dst

@@ -99,6 +99,27 @@ def test_a_batch_outside_the_engine_range_is_refused(fake):
         backend.close()
 
 
+def test_the_forward_pass_runs_on_the_step_engine(fake):
+    """build-engine builds no forward engine: the forward pass is a context of the step engine
+    with its gradient bound to a buffer of its own."""
+    from eproj.runtime.backends.tensorrt import TensorRTBackend
+
+    bundle, _, cudart = fake
+    backend = TensorRTBackend(bundle)
+    x, reconstruction, loss, _ = _buffers(backend, 4)
+    before = len(cudart.allocations)
+    forward = backend.prepare_forward(x, reconstruction, loss)
+    context, = backend.engine.contexts
+    assert len(cudart.allocations) == before + 1  # the ignored gradient's buffer
+    pointer = lambda b: b.__cuda_array_interface__["data"][0]  # noqa: E731
+    assert context.shapes["x"] == (4, 1, 128, 128)
+    assert {name: context.addresses[name] for name in ("x", "reconstruction", "loss")} == \
+        {"x": pointer(x), "reconstruction": pointer(reconstruction), "loss": pointer(loss)}
+    forward()
+    assert context.launches == 1
+    backend.close()
+
+
 def test_one_context_per_prepared_step_and_every_resource_released_once(fake):
     from eproj.runtime.backends.tensorrt import TensorRTBackend
 
