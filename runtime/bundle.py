@@ -91,7 +91,7 @@ class Bundle:
                              changed="replaced after export, or since the bundle was loaded")
 
     def graph_bytes(self, graph: str) -> bytes:
-        """The ONNX graph ``graph`` ("encoder", "decoder", "step" or "step_fp16") as verified bytes
+        """The ONNX graph ``graph`` ("encoder", "decoder", "step", "forward" or "step_fp16") as verified bytes
         (``file_bytes``), for ``onnxruntime.InferenceSession(bytes)`` and the like."""
         return self.file_bytes(self._graph_entry(graph)["file"])
 
