@@ -304,12 +304,14 @@ def summary(counts: dict[str, int]) -> str:
     return line
 
 
-def cmd_run(args: Any) -> int:
+def cmd_run(args: Any, open_inspector: Any = None) -> int:
+    """``eproj run``: every frame of ``--source`` through the inspector ``open_inspector(args)``
+    gives (default ``inspector_from_args``; a PIAD bundle passes its own), written by ``run_stream``."""
     _stop_on_sigterm()
     out = Path(args.out)
     check_spec(args.source)  # before loading the bundle: a bad --source or --out is told at once
     prepare_out(out)
-    with inspector_from_args(args) as inspector:
+    with (open_inspector or inspector_from_args)(args) as inspector:
         print(f"eproj run: {inspector.backend_note}", file=sys.stderr)
         counts = run_stream(inspector, args.source, out, show=args.show, max_frames=args.max_frames,
                             restart=args.restart, max_pixels=args.max_pixels,

@@ -20,7 +20,6 @@ NumPy and OpenCV only; ONNX Runtime is loaded when a ``PIADInspector`` is made.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,24 +152,14 @@ RUN_DEFAULTS = {"backend": "auto", "device": None, "precision": None, "method": 
 def cmd_run_piad(args: Any) -> int:
     """``eproj run`` with a PIAD bundle: every frame of ``--source`` through a ``PIADInspector``,
     written as ``eproj.runtime.cli.run_stream`` writes (masks/, overlays/, results.jsonl)."""
-    from eproj.runtime.cli import RESULTS, prepare_out, run_stream, summary
-    from eproj.runtime.sources import check_spec
+    from eproj.runtime.cli import cmd_run
 
     unused = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, default in RUN_DEFAULTS.items()
               if getattr(args, name, default) not in (default, None)]
     if unused:
         raise ConfigError(f"{', '.join(unused)} do not apply to a PIAD bundle (ONNX Runtime on the CPU, "
                           f"the fit it was trained with, no projection); drop them")
-    check_spec(args.source)
-    out = Path(args.out)
-    prepare_out(out)
-    with PIADInspector(args.bundle, threads=args.threads or 0, channel_order="bgr") as inspector:
-        print(f"eproj run: {inspector.backend_note}", file=sys.stderr)
-        counts = run_stream(inspector, args.source, out, show=args.show, max_frames=args.max_frames,
-                            restart=args.restart, max_pixels=args.max_pixels,
-                            first_frame_timeout=args.first_frame_timeout)
-    print(f"{summary(counts)}; wrote {out / RESULTS}, masks and overlays")
-    return 0
+    return cmd_run(args, lambda a: PIADInspector(a.bundle, threads=a.threads or 0, channel_order="bgr"))
 
 
 def is_piad_bundle(folder: str | Path) -> bool:
