@@ -121,6 +121,7 @@ class PIADInspector:
 
     def __call__(self, frames: Any) -> list[PIADResult]:
         from eproj.runtime.frames import stitch, to_batch, to_frame
+        from eproj.runtime.inspector import FAILED_SCORE, non_finite_reason
 
         start = time.perf_counter()
         x, layouts, _ = to_batch(frames, self.size, self.channels, self.fit, self.channel_order,
@@ -139,7 +140,16 @@ class PIADInspector:
                             else out[self.decision.map][layout.start])
             defect, reason = self.decision.verdict(score, decision_map > self.decision.pixel_threshold, std[rows])
             mask = maps[self.decision.map] > self.decision.pixel_threshold
-            results.append(PIADResult(score, maps, reconstruction, mask, defect, reason, timings={"total": ms}))
+            result = PIADResult(score, maps, reconstruction, mask, defect, reason, timings={"total": ms})
+            # fail closed, as the projection's inspector: a NaN/Inf map, reconstruction or score is a
+            # failed, defective frame with a finite score, never a verdict read off NaN comparisons
+            failure = non_finite_reason(np.stack([out[name][rows] for name in PIAD_MAPS]),
+                                        out["reconstruction"][rows], score)
+            if failure:
+                result.failed, result.defect, result.score = True, True, FAILED_SCORE
+                result.reason = f"{reason}; {failure}" if reason else failure
+                result.mask = mask | ~np.isfinite(maps[self.decision.map])
+            results.append(result)
         return results
 
 

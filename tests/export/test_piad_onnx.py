@@ -63,6 +63,27 @@ def test_runtime_verdicts_match_the_reference_evaluation(bundle):
         assert got.mask.shape == ref["sample"].image.shape[:2]
 
 
+@pytest.mark.parametrize("where", ["feature", "dssim", "score", "reconstruction"])
+def test_a_non_finite_output_fails_the_frame_closed(bundle, where):
+    """A NaN in any map, in the reconstruction or in the score: the frame is failed and defective,
+    with a finite score and a reason naming it, never a verdict read off NaN comparisons."""
+    from eproj.runtime.inspector import FAILED_SCORE
+
+    image = load_source("textures:brick", size=16).test()[0].image
+    with PIADInspector(bundle / "bundle", threads=1) as inspector:
+        tiles = inspector.tiles
+
+        def poisoned(x):
+            out = {k: np.array(v, copy=True) for k, v in tiles(x).items()}
+            out[where].reshape(-1)[0] = np.nan
+            return out
+
+        inspector.tiles = poisoned
+        result, = inspector([image])
+    assert result.failed and result.defect and result.score == FAILED_SCORE
+    assert "non-finite" in result.reason
+
+
 def test_eproj_run_on_a_piad_bundle(bundle, tmp_path, capsys):
     frames = tmp_path / "frames"
     frames.mkdir()
