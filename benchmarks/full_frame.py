@@ -138,7 +138,9 @@ def time_reference(inspector: Any, frame: np.ndarray, repeats: int, model: Any) 
         x0, layouts, _ = to_batch(frame, inspector.bundle.size, inspector.bundle.channels, inspector.fit,
                                   inspector.channel_order, None, inspector.scale, inspector.tile_stride)
         x = torch.from_numpy(x0)
-        result = project(model, x, inspector.config, gate_threshold=gate)
+        result = project(model, x, inspector.config, gate_threshold=gate,
+                         gate_rec_error=None if gate is None else inspector.gate_rec_error,
+                         gate_first_update=inspector.gate_first_update)
         # the maps as the runtime forms them: a tile that took no step is mapped by its
         # reconstruction, and every map is put on one scale by its step count
         dssim = projection_maps(model, x, result.projection, result.iterations.numpy(),
