@@ -61,8 +61,10 @@ from eproj.train.projection import ProjectionConfig, loss_terms, update_step
 LR_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 CAP = 100  # the iteration cap of the training-min rule and the longest trajectory simulated
 # the validation rule's candidates: (k, cap): stop at the median Lr of normal validation images
-# after k iterations (k None: at the training minimum), at most cap iterations
-RULE_GRID = tuple((k, cap) for k in (1, 3, 10, 30, None) for cap in (10, 20, 30, 50, 100))
+# after k iterations (k None: at the training minimum), at most cap iterations. The short caps
+# let a model whose defects are projected in a few steps bound what an unseen normal tile
+# above the gate can cost.
+RULE_GRID = tuple((k, cap) for k in (1, 3, 10, 30, None) for cap in (2, 3, 5, 10, 20, 30, 50, 100))
 DEFAULT_RULE = (10, 100)
 FULL_RULE = "100 iterations"  # the quality reference: every sample takes CAP steps, no stop, no gate
 DEFAULT_IMAGE_SCORE = "rec_error_max"

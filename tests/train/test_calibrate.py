@@ -53,3 +53,26 @@ def test_the_rule_choice_is_held_to_the_100_iteration_projection():
             assert r["mean_iterations_normal"] == (1 if r["gate_first_update"] else 0)
     assert chosen in table[2:]
     assert chosen["pixel_auroc"] >= table[0]["pixel_auroc"] - 0.005 and chosen["aupro"] >= table[0]["aupro"] - 0.005
+
+
+def test_a_short_cap_is_chosen_when_it_keeps_the_quality():
+    """Defects projected in two steps: the cheapest rule within the quality slack caps them early."""
+    rng = np.random.default_rng(1)
+    n, size = 8, 16
+    images = rng.random((n, 1, size, size)).astype(np.float32)
+    normal = np.arange(n) < 4
+    masks = np.zeros((n, size, size), bool)
+    masks[~normal, 4:9, 4:9] = True
+    images[~normal, :, 4:9, 4:9] = 1.0
+    t = np.arange(CAP + 1)
+    iterates = np.repeat(images[:, None], CAP + 1, axis=1).astype(np.float16)
+    for i in np.nonzero(~normal)[0]:
+        iterates[i, :, :, 4:9, 4:9] = (1.0 - 0.5 * np.minimum(t, 2) / 2)[:, None, None, None]
+    lr = np.where(normal[:, None], 1.0 / (1 + t), 50.0 / (1 + t))  # defects stay over every threshold
+    recon_dssim = rng.random((n, size, size)).astype(np.float32) * 0.01
+    chosen, table = choose_rule(lr, iterates, images, masks, normal, recon_dssim, train_min=0.02,
+                                levels=np.ones(CAP + 1))
+    assert min(cap for _, cap in RULE_GRID) <= 2
+    assert chosen["max_iters"] == 2
+    assert chosen["mean_iterations_defective"] == 2
+    assert chosen["pixel_auroc"] >= table[0]["pixel_auroc"] - 0.005
