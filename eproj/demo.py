@@ -1,6 +1,6 @@
 """The demo: plain reconstruction against projection on the embedded textures.
 
-For every shipped model (``eproj/models/<texture>-<family>.pt``, each produced
+For every shipped model (``eproj/models/NAME.pt``, each produced
 by the command in ``SHIPPED``) it exports a bundle (``eproj export``) and
 evaluates both methods on the texture's test set with the runtime, the way an
 inspection line runs it: ONNX Runtime on the CPU and the fused kernels
@@ -12,6 +12,7 @@ model, and prints a table.
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,30 @@ from eproj.train.evaluate import SampleResult, evaluate, write_json
 
 MODELS_DIR = Path(str(resources.files("eproj") / "models"))
 
-# name -> (data, family, steps, lr): `eproj train --data DATA --model FAMILY --steps STEPS
-# --lr LR --weights float16 --out runs/NAME` reproduces eproj/models/NAME.pt (= runs/NAME/model.pt).
-SHIPPED: dict[str, tuple[str, str, int, float]] = {
-    "brick-l2ae": ("textures:brick", "l2ae", 12000, 2e-4),
-    "grass-l2ae": ("textures:grass", "l2ae", 12000, 2e-4),
-    "brick-vae": ("textures:brick", "vae", 12000, 2e-4),
-    "grass-vae": ("textures:grass", "vae", 12000, 2e-4),
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """How one shipped model was trained: ``eproj train --data DATA --model FAMILY --steps STEPS
+    --lr LR [OPTIONS] --weights float16 --out runs/NAME`` reproduces eproj/models/NAME.pt
+    (= runs/NAME/model.pt)."""
+
+    data: str
+    family: str
+    steps: int
+    lr: float
+    # the other `eproj train` options the run needs (those not at their default), as on its command line
+    options: tuple[str, ...] = ()
+
+
+SHIPPED: dict[str, ShippedModel] = {
+    "brick-l2ae": ShippedModel("textures:brick", "l2ae", 12000, 2e-4),
+    "grass-l2ae": ShippedModel("textures:grass", "l2ae", 12000, 2e-4),
+    "brick-vae": ShippedModel("textures:brick", "vae", 12000, 2e-4),
+    "grass-vae": ShippedModel("textures:grass", "vae", 12000, 2e-4),
+    # the U-Net (width 16) trained on 2x2 tile puzzles under FGSM (eps 0.01); its run predates the
+    # U-Net's default Adam weight decay 1e-5 and trained without it (its optimizer state: 0)
+    "grass-unet-puzzle": ShippedModel("textures:grass", "unet", 3600, 1e-3,
+                                      ("--batch", "8", "--regime", "puzzle", "--weight-decay", "0")),
 }
 PANEL_ROWS = 6
 CELL = 192
@@ -46,10 +64,12 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def train_command(name: str, out: Path | str | None = None, steps: int | None = None) -> str:
-    """The `eproj train` command that produces shipped model ``name`` (into ``out``, default runs/NAME)."""
-    data, family, default_steps, lr = SHIPPED[name]
-    return (f"eproj train --data {data} --model {family} --steps {steps or default_steps} --lr {lr:g} "
-            f"--weights float16 --out {shlex.quote(str(out or f'runs/{name}'))}")
+    """The `eproj train` command that produces shipped model ``name`` (into ``out``, default runs/NAME;
+    ``steps`` instead of the recorded number)."""
+    entry = SHIPPED[name]
+    words = ["eproj", "train", "--data", entry.data, "--model", entry.family, "--steps", str(steps or entry.steps),
+             "--lr", f"{entry.lr:g}", *entry.options, "--weights", "float16", "--out", str(out or f"runs/{name}")]
+    return shlex.join(words)
 
 
 def _gray_to_bgr(image: np.ndarray) -> np.ndarray:
@@ -171,14 +191,16 @@ def _models(out: Path, retrain: bool, steps: int | None) -> dict[str, Path]:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    header = f"{'model':<12} {'method':<15} {'pixAUROC':>9} {'AUPRO':>7} {'imgAUROC':>9} {'bestF1':>7} {'iters':>6} {'s':>6}"
+    width = max([len("model"), *map(len, report["models"])])
+    header = (f"{'model':<{width}} {'method':<15} {'pixAUROC':>9} {'AUPRO':>7} {'imgAUROC':>9} {'bestF1':>7} "
+              f"{'iters':>6} {'s':>6}")
     print(header)
     print("-" * len(header))
     for name, entry in report["models"].items():
         for method in ("reconstruction", "projection"):
             m = entry[method]["metrics"]["dssim"]
             fmt = lambda v: "   n/a" if v is None else f"{v:.3f}"  # noqa: E731
-            print(f"{name:<12} {method:<15} {fmt(m['pixel_auroc']):>9} {fmt(m['aupro_0.3']):>7} "
+            print(f"{name:<{width}} {method:<15} {fmt(m['pixel_auroc']):>9} {fmt(m['aupro_0.3']):>7} "
                   f"{fmt(m['image_auroc']):>9} {fmt(m['best_f1']):>7} "
                   f"{entry[method]['iterations']['mean']:>6.1f} {entry[method]['seconds']:>6.1f}")
     verdict = report["projection_beats_reconstruction"]

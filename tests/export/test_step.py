@@ -72,7 +72,7 @@ def test_step_matches_autograd_in_float32_on_real_rgb_images(family):
         assert _relative_error(got[name], want[name]) <= 1e-4, name
 
 
-@pytest.mark.parametrize("name", ["brick-l2ae", "grass-vae"])
+@pytest.mark.parametrize("name", ["brick-l2ae", "grass-vae", "grass-unet-puzzle"])
 def test_step_matches_autograd_on_the_shipped_models(name):
     from eproj import demo
     from eproj.train.checkpoint import load_model
