@@ -71,3 +71,18 @@ def test_defect_retention_is_one_for_a_copy_and_zero_for_a_constant(tmp_path):
     for module, want in ((Copy(), 1.0), (Constant(), 0.0)):
         kept = report.defect_retention(TrainedModel(module, {}, {}, "memory"), f"mvtec:{folder}")
         assert kept["pooled"] == want and kept["median"] == want
+
+
+def test_a_shipped_run_is_listed_once(tmp_path):
+    default_models = _script().default_models
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    models.mkdir()
+    (models / "grass-unet-puzzle.pt").write_bytes(b"same weights")
+    (models / "other.pt").write_bytes(b"not brick or grass")
+    for name, payload in (("grass-unet-puzzle", b"same weights"), ("grass-unet-plain", b"other weights")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "model.pt").write_bytes(payload)
+    listed = default_models(models, (str(runs / "grass-unet-plain" / "model.pt"),
+                                     str(runs / "grass-unet-puzzle" / "model.pt"),
+                                     str(runs / "grass-unet-corrupt" / "model.pt")))
+    assert listed == [str(models / "grass-unet-puzzle.pt"), str(runs / "grass-unet-plain" / "model.pt")]

@@ -28,6 +28,7 @@ crops: 1 when f copies the defect, 0 when it restores the clean surface.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import shlex
 import sys
@@ -74,9 +75,12 @@ def defect_retention(trained: Any, data: str) -> dict[str, float]:
             "median": float(np.median(kept[valid] / added[valid])), "crops": int(valid.sum())}
 
 
-def default_models() -> list[str]:
-    shipped = sorted(str(p) for p in Path("eproj/models").glob("*.pt") if p.name.startswith(("brick-", "grass-")))
-    return shipped + [p for p in DEFAULT_RUNS if Path(p).is_file()]
+def default_models(models: Path = Path("eproj/models"), runs: tuple[str, ...] = DEFAULT_RUNS) -> list[str]:
+    """The shipped brick/grass models, then the U-Net runs that exist; a run whose model.pt is
+    byte for byte a shipped file (the run that was shipped) is listed once, as the shipped file."""
+    shipped = sorted(str(p) for p in models.glob("*.pt") if p.name.startswith(("brick-", "grass-")))
+    return shipped + [p for p in runs if Path(p).is_file()
+                      and not any(filecmp.cmp(p, s, shallow=False) for s in shipped)]
 
 
 def _map_metrics(maps: list[np.ndarray], masks: list, labels: np.ndarray) -> dict[str, Any]:
