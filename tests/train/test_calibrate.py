@@ -23,21 +23,28 @@ def test_stop_times_follow_the_rule_and_the_gate():
     assert stop_times(lr, 2.0, 3, 9.0, rec_max, 0.5, False).tolist() == [0, 0, 0, 3]
 
 
-def test_the_rule_choice_is_held_to_the_100_iteration_projection():
-    rng = np.random.default_rng(0)
+def _validation(seed: int, settle: int, defect_lr: float):
+    """Four normal and four defective 16x16 images whose defect region drifts linearly from 1 to
+    0.5 over ``settle`` iterations; Lr falls as 1/(1+t) (normal) and defect_lr/(1+t) (defective).
+    Returns images, masks, normal, iterates, lr and a small reconstruction DSSIM map."""
+    rng = np.random.default_rng(seed)
     n, size = 8, 16
     images = rng.random((n, 1, size, size)).astype(np.float32)
     normal = np.arange(n) < 4
     masks = np.zeros((n, size, size), bool)
     masks[~normal, 4:9, 4:9] = True
     images[~normal, :, 4:9, 4:9] = 1.0
-    # iterates drift linearly from x0 toward 0.5 in the defect region; Lr falls with t
     t = np.arange(CAP + 1)
     iterates = np.repeat(images[:, None], CAP + 1, axis=1).astype(np.float16)
     for i in np.nonzero(~normal)[0]:
-        iterates[i, :, :, 4:9, 4:9] = (1.0 - 0.5 * np.minimum(t, 10) / 10)[:, None, None, None]
-    lr = np.where(normal[:, None], 1.0 / (1 + t), 5.0 / (1 + t))
+        iterates[i, :, :, 4:9, 4:9] = (1.0 - 0.5 * np.minimum(t, settle) / settle)[:, None, None, None]
+    lr = np.where(normal[:, None], 1.0 / (1 + t), defect_lr / (1 + t))
     recon_dssim = rng.random((n, size, size)).astype(np.float32) * 0.01
+    return images, masks, normal, iterates, lr, recon_dssim
+
+
+def test_the_rule_choice_is_held_to_the_100_iteration_projection():
+    images, masks, normal, iterates, lr, recon_dssim = _validation(seed=0, settle=10, defect_lr=5.0)
     rec_max = np.where(normal, 0.1, 0.8)  # the defects show in the reconstruction error
     chosen, table = choose_rule(lr, iterates, images, masks, normal, recon_dssim, train_min=0.02,
                                 levels=np.ones(CAP + 1), rec_max=rec_max)
@@ -57,19 +64,8 @@ def test_the_rule_choice_is_held_to_the_100_iteration_projection():
 
 def test_a_short_cap_is_chosen_when_it_keeps_the_quality():
     """Defects projected in two steps: the cheapest rule within the quality slack caps them early."""
-    rng = np.random.default_rng(1)
-    n, size = 8, 16
-    images = rng.random((n, 1, size, size)).astype(np.float32)
-    normal = np.arange(n) < 4
-    masks = np.zeros((n, size, size), bool)
-    masks[~normal, 4:9, 4:9] = True
-    images[~normal, :, 4:9, 4:9] = 1.0
-    t = np.arange(CAP + 1)
-    iterates = np.repeat(images[:, None], CAP + 1, axis=1).astype(np.float16)
-    for i in np.nonzero(~normal)[0]:
-        iterates[i, :, :, 4:9, 4:9] = (1.0 - 0.5 * np.minimum(t, 2) / 2)[:, None, None, None]
-    lr = np.where(normal[:, None], 1.0 / (1 + t), 50.0 / (1 + t))  # defects stay over every threshold
-    recon_dssim = rng.random((n, size, size)).astype(np.float32) * 0.01
+    # defects stay over every stop threshold
+    images, masks, normal, iterates, lr, recon_dssim = _validation(seed=1, settle=2, defect_lr=50.0)
     chosen, table = choose_rule(lr, iterates, images, masks, normal, recon_dssim, train_min=0.02,
                                 levels=np.ones(CAP + 1))
     assert min(cap for _, cap in RULE_GRID) <= 2
