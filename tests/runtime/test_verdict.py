@@ -8,7 +8,7 @@ import pytest
 from eproj.decision import UNLIKE_NORMAL, largest_region
 from eproj.runtime import Inspector
 
-MODELS = ("grass-vae", "brick-l2ae", "grass-unet-puzzle")
+MODELS = ("grass-vae", "brick-l2ae", "grass-unet-puzzle", "brick-unet-corrupt")
 
 
 @pytest.fixture(scope="module")
