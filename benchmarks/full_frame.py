@@ -5,7 +5,9 @@ inspector is told ``scale`` 0.5 to bring it back to the scale the model learned)
 normal and once with a seeded defect from ``eproj.train.defects``, goes through the
 shipped brick model exported to a bundle:
 
-- with the bundle's own stop criterion ("bundle"), and with ``--max-iters`` /
+- with the bundle's own stop criterion ("bundle"), the same with a zero-iteration gate
+  that takes no step (``gate_first_update=False``: a gated tile costs one forward pass;
+  "no-step gate"), and with ``--max-iters`` /
   ``--stop-threshold`` (default 100 and the training-set minimum of Lr, the rule every
   tile ran under before calibrated stops; no zero-iteration gate) ("override");
 - for each, the runtime (the fused kernels with the step graph on ONNX Runtime, and on
@@ -375,6 +377,8 @@ def main() -> None:
         stop_threshold = training_min if args.stop_threshold is None else args.stop_threshold
         common = {"device": "cpu", "threads": args.threads, "scale": args.scale, "tile_stride": args.tile_stride}
         settings = {"bundle": {},
+                    # the bundle's rule with a gate that takes no step: gated tiles cost one forward pass
+                    "no-step gate": {"gate_first_update": False},
                     "override": _with_overrides(Inspector.from_bundle, args.max_iters, stop_threshold)}
         out["bundle"] = {"model": args.model, "input": manifest["input"], "stop_threshold": manifest["stop_threshold"],
                          "stop_rule": manifest.get("stop_rule", "training-min (this bundle names none)"),
@@ -385,7 +389,8 @@ def main() -> None:
             for backend in _backends():
                 with Inspector.from_bundle(folder, backend=backend, **common, **options) as inspector:
                     config = inspector.config
-                    effective = repr((config, getattr(inspector, "gate_lr", None)))
+                    effective = repr((config, getattr(inspector, "gate_lr", None),
+                                      getattr(inspector, "gate_first_update", None)))
                     if measured.get(effective, name) != name:  # the bundle's own criterion is the override's
                         out["rows"] += [{**row, "setting": name, "options": dict(options),
                                          "same_as": measured[effective]}

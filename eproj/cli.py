@@ -427,6 +427,11 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
                         "ensemble: the bundle's predictor ensemble (export --ensemble)")
     p.add_argument("--fit", choices=("none", "resize", "tile"), default=None,
                    help="how a frame meets the model size [the bundle's: tile for textures, resize for objects]")
+    p.add_argument("--scale", type=_positive_float, default=None,
+                   help="fit tile: the factor frames are resized by before tiling [the bundle's working scale]")
+    p.add_argument("--tile-stride", type=_positive_int, default=None,
+                   help="fit tile: pixels between tiles at the working scale, up to the model size "
+                        "[half a tile; larger is faster, see benchmarks/tile_stride.py]")
 
 
 def _projection_options(p: argparse.ArgumentParser, where: str) -> None:

@@ -292,7 +292,8 @@ def inspector_from_args(args: Any, **extra: Any) -> Inspector:
     return Inspector.from_bundle(args.bundle, backend=args.backend, device=args.device, method=args.method,
                                  fit=args.fit, channel_order="bgr", batch_size=getattr(args, "batch_size", 16),
                                  threads=args.threads, precision=args.precision,
-                                 stop_rule=getattr(args, "stop_rule", None), **overrides)
+                                 stop_rule=getattr(args, "stop_rule", None), scale=getattr(args, "scale", None),
+                                 tile_stride=getattr(args, "tile_stride", None), **overrides)
 
 
 def summary(counts: dict[str, int]) -> str:

@@ -154,6 +154,9 @@ def _run_args(bundle, tmp_path, *extra):
     ("alpha inf", "argument --alpha: expected a finite number"),
     ("alpha -1", "argument --alpha: expected a number > 0"),
     ("max-pixels 0", "argument --max-pixels: expected an integer >= 1"),
+    ("tile-stride 0", "argument --tile-stride: expected an integer >= 1"),
+    ("tile-stride 33", "tile_stride must be an integer in [1, 32] (the model size), got 33"),
+    ("scale -2", "argument --scale: expected a number > 0"),
 ])
 def test_bad_run_arguments_are_clear_errors(bundles, tmp_path, capsys, case, expected):
     _images(tmp_path / "in", 1)
@@ -182,7 +185,7 @@ def test_bad_run_arguments_are_clear_errors(bundles, tmp_path, capsys, case, exp
     assert expected in err and "Traceback" not in err
 
 
-def test_threads_after_the_subcommand_reach_the_runtime(bundles, tmp_path, monkeypatch):
+def test_threads_stride_and_scale_reach_the_runtime(bundles, tmp_path, monkeypatch):
     _images(tmp_path / "in", 1)
     seen = {}
     import eproj.runtime.cli as run_cli
@@ -190,11 +193,14 @@ def test_threads_after_the_subcommand_reach_the_runtime(bundles, tmp_path, monke
     real = run_cli.Inspector.from_bundle
 
     def spy(*args, **kwargs):
-        seen["threads"] = kwargs["threads"]
+        seen.update({k: kwargs[k] for k in ("threads", "tile_stride", "scale")})
         return real(*args, **kwargs)
 
     monkeypatch.setattr(run_cli.Inspector, "from_bundle", spy)
     assert main(_run_args(bundles["l2ae"][1], tmp_path, "--threads", "1")) == 0
     assert seen["threads"] == 1
     assert main(["--threads", "2"] + _run_args(bundles["l2ae"][1], tmp_path, "--restart")) == 0
-    assert seen["threads"] == 2
+    assert seen == {"threads": 2, "tile_stride": None, "scale": None}  # unset: the runtime's defaults
+    assert main(_run_args(bundles["l2ae"][1], tmp_path, "--restart", "--fit", "tile", "--tile-stride", "24",
+                          "--scale", "1.5")) == 0
+    assert (seen["tile_stride"], seen["scale"]) == (24, 1.5)
