@@ -156,7 +156,7 @@ class PIADInspector:
 # eproj run's options a PIAD bundle has no use for, with the value that means "not set"
 RUN_DEFAULTS = {"backend": "auto", "device": None, "precision": None, "method": "projection", "fit": None,
                 "max_iters": None, "alpha": None, "lam": None, "step": None, "weighting": None,
-                "energy_tol": None, "stop_threshold": None, "stop_rule": None}
+                "energy_tol": None, "stop_threshold": None, "stop_rule": None, "scale": None, "tile_stride": None}
 
 
 def cmd_run_piad(args: Any) -> int:

@@ -98,5 +98,7 @@ def test_eproj_run_on_a_piad_bundle(bundle, tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", str(bundle / "bundle"), "--source", str(frames), "--out", str(out), "--max-iters", "3"]) == 2
     assert "--max-iters 3 do not apply to a PIAD bundle" in capsys.readouterr().err
+    assert main(["run", str(bundle / "bundle"), "--source", str(frames), "--out", str(out), "--tile-stride", "8"]) == 2
+    assert "--tile-stride 8 do not apply to a PIAD bundle" in capsys.readouterr().err
     assert main(["export", str(bundle / "run"), "--out", str(tmp_path / "b"), "--fp16"]) == 2
     assert "--fp16 is for the projection's bundles" in capsys.readouterr().err
