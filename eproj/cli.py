@@ -413,7 +413,9 @@ def _threads_option(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help=THREADS_HELP)
 
 
-def _runtime_options(p: argparse.ArgumentParser) -> None:
+def _runtime_options(p: argparse.ArgumentParser, frames: bool = True) -> None:
+    """The bundle and backend options; with ``frames``, also what is run on each frame and how
+    a frame meets the model size (``eproj bench`` times model-size batches of the projection)."""
     p.add_argument("bundle", help="a bundle folder (eproj export)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch", "tensorrt", "openvino"), default="auto",
                    help="[auto]: TensorRT, then torch on CUDA, then ONNX Runtime, OpenVINO (eproj[openvino]) "
@@ -422,6 +424,8 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
                    help="for onnxruntime and torch [the backend's: cuda where it can run, else cpu]")
     p.add_argument("--precision", choices=("fp32", "fp16"), default=None,
                    help="onnxruntime and tensorrt [fp32]: fp16 runs step_fp16 (export --fp16) or an fp16 engine")
+    if not frames:
+        return
     p.add_argument("--method", choices=("projection", "reconstruction", "ensemble"), default="projection",
                    help="[projection]; reconstruction: the baseline f(x0); "
                         "ensemble: the bundle's predictor ensemble (export --ensemble)")
@@ -617,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = _subcommand(sub, "bench", "latency of the runtime against the eager-autograd reference")
-    _runtime_options(p)
+    _runtime_options(p, frames=False)
     p.add_argument("--batch", type=_batches, default=(1, 8, 32), help="batch sizes [1,8,32]")
     p.add_argument("--iters", type=_positive_int, default=30, help="iterations per frame, all run [30]")
     p.add_argument("--size", type=_positive_int, default=None, help="frame side [the model's]")

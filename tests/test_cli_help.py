@@ -82,3 +82,12 @@ def test_bad_numbers_are_refused_where_they_enter(capsys, argv, expected):
         build_parser().parse_args(argv)
     assert exit.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--tile-stride=8", "--scale=2", "--fit=tile", "--method=reconstruction"])
+def test_bench_takes_no_frame_options_it_would_ignore(option, capsys):
+    """eproj bench times model-size batches of the projection: options about frames are refused, not dropped."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "bundle", "--json", "out.json", option])
+    assert "unrecognized arguments: " + option in capsys.readouterr().err
+    build_parser().parse_args(["run", "bundle", "--source", "in", "--out", "out", option])
