@@ -178,6 +178,7 @@ def main() -> None:
     from eproj.export.onnx_graphs import export_bundle
     from eproj.files import write_atomic
     from eproj.runtime import Inspector
+    from eproj.runtime.frames import default_stride
     from eproj.train.calibrate import QUALITY_SLACK
     from eproj.train.checkpoint import load_model
     from eproj.train.data import load_source
@@ -190,7 +191,7 @@ def main() -> None:
         path = Path("eproj/models") / f"{name}.pt"
         trained = load_model(path)
         size = trained.config.size
-        half = size // 2
+        half = default_stride(size)  # the runtime's default, every other stride's reference
         if half not in strides:
             strides = [half] + strides
         source = load_source(trained.train["data"], size, fit=trained.train.get("input", {}).get("fit"))

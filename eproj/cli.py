@@ -636,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="folder for report.json, the panels and bundles [demo-out]")
     p.add_argument("--train", action="store_true", help="retrain the models from scratch first")
     p.add_argument("--steps", type=_positive_int, default=None,
-                   help="training steps with --train [each model's shipped count: 12000; grass-unet-puzzle 3600]")
+                   help="training steps with --train [each model's shipped count, as in the command it prints]")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -329,6 +329,21 @@ def test_a_defect_across_tile_borders_is_found_as_well_as_one_inside_a_tile(bric
     assert clean[seams].mean() <= 1.25 * clean[~seams].mean()
 
 
+def test_side_by_side_tiles_show_the_seams_overlapping_tiles_remove(brick_bundle):
+    """The seam check above can fail: at stride 128 (tiles side by side) the clean frame's map
+    along the tile edges is more than 1.5 times its mean elsewhere."""
+    from skimage import data
+
+    clean = data.brick()[192:512, 64:384].copy()
+    inspector = Inspector.from_bundle(brick_bundle, backend="onnxruntime", max_iters=5, tile_stride=128)
+    amap = inspector(clean)[0].anomaly_map
+    seams = np.zeros(amap.shape, bool)
+    # 320-pixel frame: tiles at 0, 128 and 192 (the last one ends at the border); at 128 the first
+    # two meet side by side, the only edge no other tile covers
+    seams[:, 126:130] = seams[126:130, :] = True
+    assert amap[seams].mean() > 1.5 * amap[~seams].mean()
+
+
 # -- fail closed: frames, options and results that are not finite ---------------------------------
 
 _HIDDEN_NAN = np.ma.masked_array(np.where(np.eye(32) > 0, np.nan, 0.5), mask=np.eye(32) > 0)
