@@ -104,6 +104,18 @@ def check_options(*, method: Any = "projection", fit: Any = None, channel_order:
         raise ConfigError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
 
 
+def batch_spans(total: int, batch_size: int) -> list[tuple[int, int]]:
+    """The (start, stop) of each batch: the fewest batches of at most ``batch_size`` tiles, their
+    sizes differing by at most one. A frame of 49 tiles at batch size 16 runs as 12, 12, 12, 13
+    rather than 16, 16, 16 and 1, whose last batch of one tile would run on one loop while the
+    other waits."""
+    if total < 1 or batch_size < 1:
+        raise ValueError(f"batch_spans needs total >= 1 and batch_size >= 1, got {total}, {batch_size}")
+    count = -(-total // batch_size)
+    bounds = [total * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 class Inspector:
     """Projection-and-segmentation of frames with one bundle on one backend.
 
@@ -215,7 +227,8 @@ class Inspector:
                 (default the bundle's working scale, 1.0 for bundles that do not record it)
                 and the tiles' stride in pixels at that scale (default half a tile).
             channel_order: of colour frames, "bgr" (OpenCV) or "rgb".
-            batch_size: tiles per batch through the loop.
+            batch_size: the most tiles per batch through the loop; a call's tiles are spread
+                evenly over the fewest batches (``batch_spans``).
             check_every: iterations between reads of the stop flags (1 on the CPU, 8 on GPUs).
             threads: CPU threads (0: every core this process may use). With ONNX Runtime
                 on the CPU or OpenVINO, a batch of two or more tiles is split across that
@@ -294,9 +307,8 @@ class Inspector:
                 raise ConfigError("a known_mask is needed exactly when weighting='mask' "
                                   f"(weighting={self.config.weighting!r})")
             prepared = time.perf_counter()
-            parts = [self._projector(min(self.batch_size, len(x0) - i)).run(
-                x0[i:i + self.batch_size], None if mask is None else mask[i:i + self.batch_size])
-                for i in range(0, len(x0), self.batch_size)]
+            parts = [self._projector(b - a).run(x0[a:b], None if mask is None else mask[a:b])
+                     for a, b in batch_spans(len(x0), self.batch_size)]
             out = concatenate(parts)
             if self.method == "ensemble":
                 self._apply_ensemble(x0, out)

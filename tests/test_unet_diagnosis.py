@@ -120,4 +120,31 @@ def test_the_diagnosis_of_a_tiny_unet_writes_every_measure_and_its_command(tmp_p
     assert result["projection_validation"]["chosen"]["pixel_auroc"] == 0.6
     text = (tmp_path / "out" / "diagnosis.md").read_text()
     assert payload["command"] in text and "## textures:grass" in text and "## Findings" in text
-    assert "grass-unet-puzzle (2 steps)" in text and "Width and ε" in text and "| 0.600 / 0.400 |" in text
+    assert "grass-unet-puzzle (2 steps)" in text and "were not varied" in text and "| 0.600 / 0.400 |" in text
+
+
+def _row(model, settings, chosen, kept, regime="puzzle"):
+    cell = {"pixel_auroc": chosen, "aupro": chosen - 0.1, "rule": "r", "mean_iterations": 1.0}
+    separability = {"residual": {"pixel_auroc": chosen - 0.05}, "dssim_reconstruction": {"pixel_auroc": chosen - 0.02}}
+    return {"model": model, "data": "textures:grass", "family": "unet", "regime": regime, "step": 3600,
+            "settings": settings, "projection_validation": {"chosen": cell, "100 iterations": cell},
+            "separability": separability, "copying": {"pooled": kept}, "capacity": {"validation": {"pooled": 0.3}}}
+
+
+def test_variant_findings_name_the_changed_setting_against_the_base_run():
+    diagnose = _script()
+    base_settings = {"width": 16, "fgsm_eps": 0.01, "adv_weight": 0.0, "weight_decay": None, "batch": 8, "lr": 1e-3}
+    base = _row("runs/grass-unet-puzzle/model.pt", base_settings, 0.74, 0.15)
+    other = _row("runs/grass-unet-corrupt/model.pt", base_settings, 0.70, 0.80, regime="corrupt")
+    w8 = _row("runs/grass-unet-puzzle-w8/model.pt", {**base_settings, "width": 8, "weight_decay": 0.0}, 0.71, 0.12)
+    eps0 = _row("runs/grass-unet-puzzle-eps0/model.pt", {**base_settings, "fgsm_eps": 0.0}, 0.76, 0.20)
+    got = diagnose.variant_findings([other, eps0, base, w8])
+    assert len(got) == 2
+    assert got[0].startswith("grass-unet-puzzle-eps0 (3600 steps) against grass-unet-puzzle (3600 steps) "
+                             "(fgsm_eps 0.01 → 0; not recorded by both: weight_decay)")
+    assert "chosen rule 0.740 / 0.640 → 0.760 / 0.660" in got[0] and "defect kept 0.150 → 0.200" in got[0]
+    assert "(width 16 → 8; not recorded by both: weight_decay)" in got[1] and "0.710 / 0.610" in got[1]
+    assert diagnose.variant_findings([base, other])[0].startswith("Width, ε (the FGSM step) and the adversarial term "
+                                                                  "were not varied")
+    alone = diagnose.variant_findings([w8])
+    assert alone == ["grass-unet-puzzle-w8 (3600 steps): no base run of the same data and regime was measured beside it."]

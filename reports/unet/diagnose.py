@@ -48,6 +48,9 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = tuple(f"eproj/models/{t}-{m}.pt" for t in ("brick", "grass") for m in ("l2ae", "vae"))
 RUNS = tuple(f"runs/{t}-unet-{r}/model.pt" for t in ("brick", "grass") for r in ("plain", "corrupt", "puzzle"))
 PARTIAL = tuple(f"runs/interim/{t}-unet-puzzle-partial/model.pt" for t in ("brick", "grass"))
+# the grass puzzle recipe with one setting changed: the DCGAN term on, no FGSM (epsilon 0), width 8
+VARIANTS = tuple(f"runs/grass-unet-puzzle-{v}/model.pt" for v in ("adv", "eps0", "w8"))
+VARIED = ("width", "fgsm_eps", "adv_weight", "weight_decay", "batch", "lr")  # settings a variant may change
 GOAL = 0.90  # issue 12's pixel AUROC goal
 TRAIN_CROPS = 64
 TREND_WINDOW = 250  # steps averaged at each end of a training log
@@ -64,7 +67,7 @@ def _make_report():
 
 
 def default_models() -> list[str]:
-    return [p for p in SHIPPED + RUNS + PARTIAL if Path(p).is_file()]
+    return [p for p in SHIPPED + RUNS + PARTIAL + VARIANTS if Path(p).is_file()]
 
 
 def reconstruct(model: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -212,6 +215,19 @@ def log_for(path: Path) -> Path:
     return Path("runs") / f"{name}.log"
 
 
+def settings(trained: Any) -> dict[str, Any]:
+    """The training settings of ``VARIED`` a model recorded (width from its config; adv_weight 0 where the
+    run predates it; any other setting it did not record is None)."""
+    train = trained.train
+    out = {name: train.get(name) for name in VARIED}
+    out["width"] = trained.config.width if trained.config.family == "unet" else None
+    if out["adv_weight"] is None:
+        out["adv_weight"] = 0.0  # a run from before the term trained without it (as resuming assumes)
+    if train.get("regime") == "puzzle" and out["fgsm_eps"] is None:
+        out["fgsm_eps"] = (train.get("puzzle") or {}).get("fgsm_eps")
+    return out
+
+
 def diagnose_model(path: str, retention: Any) -> dict[str, Any]:
     """Every measure of the module docstring for one model.pt; ``retention`` is make_report's
     ``defect_retention``."""
@@ -232,6 +248,7 @@ def diagnose_model(path: str, retention: Any) -> dict[str, Any]:
     return {"model": path, "data": data, "family": trained.config.family,
             "regime": trained.train.get("regime") or "plain", "step": step, "steps_asked": trained.train.get("steps"),
             "width": trained.config.width if trained.config.family == "unet" else None,
+            "settings": settings(trained),
             "validation": {"normal_images": len(pairs["normal"]), "defect_images": len(pairs["defective"])},
             "capacity": {"validation": unexplained_variance(pairs["normal"], f_normal),
                          "train": unexplained_variance(train_crops, reconstruct(trained.model, train_crops))},
@@ -369,8 +386,48 @@ def conclusions(results: list[dict[str, Any]]) -> list[str]:
                        f"{b['copying']['pooled']:.3f}; the log's mean rec over the {TREND_WINDOW} steps before each "
                        f"{_num(ta.get('last_mean'), 1)} → {_num(tb.get('last_mean'), 1)} (first {TREND_WINDOW}: "
                        f"{_num(tb.get('first_mean'), 1)}; the training loss of its regime, not f(x) on clean crops).")
-    out.append("Width and ε (the FGSM step) were not varied: each needs new trainings, which do not fit this "
-               "session's CPU budget; no model was trained for this diagnosis.")
+    out += variant_findings(results)
+    return out
+
+
+def _base_of(variant: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run a variant changes one setting of: same data, family and regime, not itself, not a partial
+    checkpoint, not another variant (a model of ``VARIANTS``), and the shipped copy's run preferred."""
+    variants = {str(Path(p)) for p in VARIANTS}
+    bases = [r for r in results if r is not variant and r["data"] == variant["data"]
+             and r["family"] == variant["family"] and r["regime"] == variant["regime"]
+             and "partial" not in r["model"] and str(Path(r["model"])) not in variants]
+    return bases[0] if bases else None
+
+
+def variant_findings(results: list[dict[str, Any]]) -> list[str]:
+    """One sentence per variant run (``VARIANTS``): what it changed against its base run and what moved
+    on the validation images; a sentence saying which were not trained where none exists."""
+    variants = {str(Path(p)) for p in VARIANTS}
+    present = [r for r in results if str(Path(r["model"])) in variants]
+    if not present:
+        return ["Width, ε (the FGSM step) and the adversarial term were not varied: no run of "
+                + ", ".join(VARIANTS) + " exists."]
+    out = []
+    for r in present:
+        base = _base_of(r, results)
+        if base is None:
+            out.append(f"{_label(r)}: no base run of the same data and regime was measured beside it.")
+            continue
+        a, b = base.get("settings") or {}, r.get("settings") or {}
+        changed = ", ".join(f"{k} {a[k]:g} → {b[k]:g}" for k in VARIED
+                            if a.get(k) is not None and b.get(k) is not None and a[k] != b[k]) or "no recorded setting"
+        unknown = [k for k in VARIED if a.get(k) is None or b.get(k) is None]
+        if unknown:
+            changed += "; not recorded by both: " + ", ".join(unknown)
+        pa, pb = base["projection_validation"], r["projection_validation"]
+        out.append(f"{_label(r)} against {_label(base)} ({changed}): projection pixel AUROC / AUPRO, chosen rule "
+                   f"{_projection_cell(pa, 'chosen')} → {_projection_cell(pb, 'chosen')}, 100 iterations "
+                   f"{_projection_cell(pa, '100 iterations')} → {_projection_cell(pb, '100 iterations')}; residual "
+                   f"/ DSSIM AUROC {_best(base, ('residual',)):.3f} / {_best(base, ('dssim_reconstruction',)):.3f} → "
+                   f"{_best(r, ('residual',)):.3f} / {_best(r, ('dssim_reconstruction',)):.3f}; defect kept "
+                   f"{base['copying']['pooled']:.3f} → {r['copying']['pooled']:.3f}; unexplained validation variance "
+                   f"{base['capacity']['validation']['pooled']:.3f} → {r['capacity']['validation']['pooled']:.3f}.")
     return out
 
 

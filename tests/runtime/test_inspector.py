@@ -43,6 +43,21 @@ def test_batches_larger_than_the_batch_size_are_split(bundles):
     whole = Inspector.from_bundle(bundles["l2ae"][1], backend="onnxruntime", max_iters=3, fit="none")(frames)
     for a, b in zip(small(frames), whole):
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+    # 5 tiles at batch size 2: three batches of 2, 2 and 1 (no fewer batches can hold them)
+    assert sorted(small._projectors) == [1, 2]
+
+
+@pytest.mark.parametrize("total, batch_size, sizes", [
+    (49, 16, [12, 12, 12, 13]), (48, 16, [16, 16, 16]), (17, 16, [8, 9]), (5, 2, [1, 2, 2]),
+    (1, 16, [1]), (16, 16, [16]), (3, 1, [1, 1, 1])])
+def test_batch_spans_are_the_fewest_and_even(total, batch_size, sizes):
+    from eproj.runtime.inspector import batch_spans
+
+    spans = batch_spans(total, batch_size)
+    assert [b - a for a, b in spans] == sizes
+    assert spans[0][0] == 0 and spans[-1][1] == total and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        batch_spans(total, 0)
 
 
 def test_cpu_batches_split_across_loops_side_by_side(bundles):
