@@ -48,8 +48,8 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = tuple(f"eproj/models/{t}-{m}.pt" for t in ("brick", "grass") for m in ("l2ae", "vae"))
 RUNS = tuple(f"runs/{t}-unet-{r}/model.pt" for t in ("brick", "grass") for r in ("plain", "corrupt", "puzzle"))
 PARTIAL = tuple(f"runs/interim/{t}-unet-puzzle-partial/model.pt" for t in ("brick", "grass"))
-# the grass puzzle recipe with one setting changed: the DCGAN term on, no FGSM (epsilon 0), width 8
-VARIANTS = tuple(f"runs/grass-unet-puzzle-{v}/model.pt" for v in ("adv", "eps0", "w8"))
+# the grass puzzle recipe with one setting changed: the DCGAN term on, no FGSM (epsilon 0), width 8 or 32
+VARIANTS = tuple(f"runs/grass-unet-puzzle-{v}/model.pt" for v in ("adv", "eps0", "w8", "w32"))
 VARIED = ("width", "fgsm_eps", "adv_weight", "weight_decay", "batch", "lr")  # settings a variant may change
 GOAL = 0.90  # issue 12's pixel AUROC goal
 TRAIN_CROPS = 64
