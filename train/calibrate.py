@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from eproj.decision import IMAGE_SCORES, frame_range, largest_region, rec_error_map, tile_scores, tile_std
 from eproj.train.checkpoint import (CHECKPOINT_FORMAT, MODEL_FORMAT, FORMAT_VERSION, load_payload,
@@ -114,8 +115,9 @@ def validation_sets(source: DataSource) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def trajectories(model: Autoencoder, images: np.ndarray, config: ProjectionConfig, steps: int = CAP,
-                 batch: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The projection of each image without any stop, every iterate kept.
+                 batch: int = 32, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The projection of each image without any stop, every iterate kept (``progress``: a bar of the
+    iterations over every batch on stderr).
 
     Every sample's iterates depend on it alone, so the result of any stop rule is the
     iterate at the sample's stop time. Returns Lr (N, steps + 1) float64, the iterates
@@ -126,6 +128,8 @@ def trajectories(model: Autoencoder, images: np.ndarray, config: ProjectionConfi
     lr = np.zeros((n, steps + 1))
     iterates = np.zeros((n, steps + 1) + images.shape[1:], np.float16)
     reconstructions = np.zeros_like(images)
+    bar = tqdm(total=-(-n // batch) * steps, desc="calibrate: projection", unit="it", disable=not progress,
+               leave=False)
     for start in range(0, n, batch):
         x0 = torch.from_numpy(images[start:start + batch])
         x, rows = x0.clone(), slice(start, start + len(x0))
@@ -143,6 +147,8 @@ def trajectories(model: Autoencoder, images: np.ndarray, config: ProjectionConfi
                 break
             step = update_step(x, x0, reconstruction, grad, loss, active, iterations, config, None, m, v)
             x, m, v, iterations = step.x, step.m, step.v, step.iterations
+            bar.update()
+    bar.close()
     return lr, iterates, reconstructions
 
 
@@ -278,7 +284,7 @@ def calibrate(model: Autoencoder, source: DataSource, projection: ProjectionConf
     if progress:
         print(f"calibrate: projecting {len(normal_images)} normal and {len(defect_images)} synthetic-defect "
               f"validation images for {CAP} iterations")
-    lr, iterates, reconstructions = trajectories(model, images, projection)
+    lr, iterates, reconstructions = trajectories(model, images, projection, progress=progress)
     with torch.no_grad():
         x0 = torch.from_numpy(images)
         recon_dssim = dssim_map(x0, torch.from_numpy(reconstructions)).numpy()

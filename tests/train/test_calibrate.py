@@ -72,3 +72,19 @@ def test_a_short_cap_is_chosen_when_it_keeps_the_quality():
     assert chosen["max_iters"] == 2
     assert chosen["mean_iterations_defective"] == 2
     assert chosen["pixel_auroc"] >= table[0]["pixel_auroc"] - 0.005
+
+
+def test_trajectories_show_a_progress_bar_only_when_asked(capsys):
+    from eproj.train.calibrate import trajectories
+    from eproj.train.models import ModelConfig, build_model
+    from eproj.train.projection import ProjectionConfig
+
+    model = build_model(ModelConfig(family="l2ae", size=32)).eval()
+    images = np.random.default_rng(0).random((3, 1, 32, 32)).astype(np.float32)
+    quiet = trajectories(model, images, ProjectionConfig(), steps=2, batch=2)
+    assert capsys.readouterr().err == ""
+    shown = trajectories(model, images, ProjectionConfig(), steps=2, batch=2, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrate: projection" in err and "/4 " in err  # two batches of two iterations
+    for a, b in zip(quiet, shown):
+        np.testing.assert_array_equal(a, b)
