@@ -392,7 +392,7 @@ def conclusions(results: list[dict[str, Any]]) -> list[str]:
 
 def _base_of(variant: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The run a variant changes one setting of: same data, family and regime, not itself, not a partial
-    checkpoint, not another variant (a model of ``VARIANTS``), and the shipped copy's run preferred."""
+    checkpoint, not another variant (a model of ``VARIANTS``); the first such in ``results``."""
     variants = {str(Path(p)) for p in VARIANTS}
     bases = [r for r in results if r is not variant and r["data"] == variant["data"]
              and r["family"] == variant["family"] and r["regime"] == variant["regime"]
