@@ -31,10 +31,23 @@ def test_the_report_evaluates_piad_beside_other_models(tmp_path):
                           "metrics": {"dssim_projection": {"pixel_auroc": 0.6, "aupro_0.3": 0.5,
                                                            "image_auroc": 0.7}}}]}
     (tmp_path / "other.json").write_text(json.dumps(other))
+    l2 = run_piad(tmp_path / "grass-piad-l2", "textures:grass", PIADConfig(size=16, channels=1, width=4, latent=4),
+                  PIADTrainConfig(steps=2, batch=4, n_dis=1, stats_images=16, reconstruction_loss="l2"),
+                  progress=False)
     report = _script()
-    assert report.main([str(path), "--out", str(tmp_path / "report"), "--shipped", str(tmp_path / "other.json")]) == 0
+    assert report.main([str(path), str(l2), "--out", str(tmp_path / "report"),
+                        "--shipped", str(tmp_path / "other.json")]) == 0
     payload = json.loads((tmp_path / "report" / "report.json").read_text())
-    result, = payload["results"]
+    result, l2_result = payload["results"]
+    # the l2 model against the rel_perc_l1 one, own score against own score, paired over the same crops
+    difference, = payload["own_loss_differences"]
+    assert (difference["loss"], difference["against"]) == ("l2", str(path))
+    assert difference["difference"] == pytest.approx(l2_result["image_auroc"]["l2"] - result["image_auroc"]["rel_perc_l1"])
+    lo, hi = difference["interval"]
+    assert lo <= difference["difference"] <= hi
+    for k, (lo, hi) in result["image_auroc_interval"].items():
+        assert lo <= result["image_auroc"][k] <= hi
+    assert len(result["image_scores"]["l2"]) == len(result["labels"]) == 48
     assert set(result["image_auroc"]) == set(report.ABLATION) and set(result["maps"]) == set(report.PIAD_MAPS)
     assert all(0 <= v <= 1 for v in result["image_auroc"].values())
     assert result["test_size"] == 128 and result["step"] == 2 and result["test_images"] == 48
@@ -42,10 +55,26 @@ def test_the_report_evaluates_piad_beside_other_models(tmp_path):
     assert text.index("### Image AUROC") < text.index("### Pixel metrics") < text.index("### Ablation")
     assert "grass-l2ae — l2ae, 12000 steps (shipped) | max of DSSIM proj. | 0.700 |" in text
     ablation = next(line for line in text.splitlines() if "| rel_perc_l1 |" in line)
-    assert ablation.endswith(" * |")  # the model's own loss, the last column
+    assert ablation.endswith("] * |")  # the model's own loss, the last column, with its interval
+    assert "- grass-piad-l2 (l2) − grass-piad: " in text
     assert payload["command"].startswith(".venv/bin/python reports/piad/make_report.py")
     # rows tested on another split are refused
     other["results"][0]["defective_images"] = 30
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match="tested on 48 images \\(30 defective\\), this split has 48 \\(37\\)"):
         report.main([str(path), "--out", str(tmp_path / "r2"), "--shipped", str(tmp_path / "other.json")])
+
+
+def test_own_loss_differences_refuse_rows_tested_on_other_images():
+    from eproj.errors import ConfigError
+
+    def row(model, loss, images):
+        return {"model": model, "data": "textures:grass", "train": {"reconstruction_loss": loss},
+                "images": images, "labels": [0, 1, 1], "image_auroc": {loss: 0.5},
+                "image_scores": {loss: [0.1, 0.2, 0.3]}}
+
+    report = _script()
+    base = row("runs/grass-piad/model.pt", "rel_perc_l1", ["a", "b", "c"])
+    assert report.own_loss_differences([base, row("runs/grass-piad-perc/model.pt", "perc", ["a", "b", "c"])])
+    with pytest.raises(ConfigError, match="tested on different images of textures:grass"):
+        report.own_loss_differences([base, row("runs/grass-piad-perc/model.pt", "perc", ["a", "b", "d"])])

@@ -13,6 +13,10 @@ Pixel metrics pool the pixels of all images that have a ground-truth mask:
 - ``iou``: intersection over union of a thresholded prediction and the truth.
 
 ``image_auroc`` ranks images by their score. ROC and PR curves come from scikit-learn.
+``image_auroc_interval`` and ``auroc_difference_interval`` give percentile bootstrap
+intervals (images resampled with replacement within each class) for an image AUROC and for
+the difference of two scores' AUROCs on the same images: on a few dozen test images an AUROC
+moves by several hundredths from the draw alone.
 
 A metric the data cannot define is None (null in the JSON reports), never 0:
 pixel metrics need ground-truth masks with defect pixels (and pixels without),
@@ -122,6 +126,62 @@ def iou(maps: list[np.ndarray], masks: list[np.ndarray | None], threshold: float
 def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     labels = np.asarray(labels).astype(bool)
     return float(roc_auc_score(labels, scores)) if _both_classes(labels) else None
+
+
+def _stratified_resamples(labels: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) image indices, each class drawn with replacement to its own count."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(labels), np.flatnonzero(~labels)]
+    return np.concatenate([g[rng.integers(0, len(g), (resamples, len(g)))] for g in groups], axis=1)
+
+
+def _checked_interval_inputs(scores: list[np.ndarray], labels: np.ndarray, confidence: float,
+                             resamples: int) -> np.ndarray:
+    labels = np.asarray(labels).astype(bool)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one value per image, got shape {labels.shape}")
+    for s in scores:
+        if np.shape(s) != labels.shape:
+            raise ValueError(f"scores must be one value per image ({labels.shape}), got shape {np.shape(s)}")
+        if not np.isfinite(s).all():
+            raise ValueError("scores must be finite to rank them; got NaN or infinity")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if resamples < 100:
+        raise ValueError(f"resamples must be at least 100 for a percentile interval, got {resamples}")
+    return labels
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def image_auroc_interval(scores: np.ndarray, labels: np.ndarray, confidence: float = 0.95,
+                         resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``image_auroc(scores, labels)``; None without both classes."""
+    labels = _checked_interval_inputs([scores], labels, confidence, resamples)
+    if not _both_classes(labels):
+        return None
+    scores = np.asarray(scores, np.float64)
+    draws = _stratified_resamples(labels, resamples, seed)
+    return _percentiles(np.array([roc_auc_score(labels[i], scores[i]) for i in draws]), confidence)
+
+
+def auroc_difference_interval(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray,
+                              confidence: float = 0.95, resamples: int = 2000,
+                              seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of image_auroc(a) - image_auroc(b), both scores of the same
+    images resampled together (paired); None without both classes. An interval that holds 0
+    does not tell the two apart on these images."""
+    labels = _checked_interval_inputs([scores_a, scores_b], labels, confidence, resamples)
+    if not _both_classes(labels):
+        return None
+    a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+    draws = _stratified_resamples(labels, resamples, seed)
+    return _percentiles(np.array([roc_auc_score(labels[i], a[i]) - roc_auc_score(labels[i], b[i])
+                                  for i in draws]), confidence)
 
 
 PIXEL_METRICS = ("pixel_auroc", "aupro_0.3", "fpr_at_tpr_0.99", "fpr_at_tpr_0.995", "best_f1",

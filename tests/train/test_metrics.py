@@ -94,3 +94,44 @@ def test_metrics_the_data_cannot_define_are_null_with_the_reason(masks, labels, 
         assert out["image_auroc"] is None and out["null_reasons"]["image_auroc"] == image_reason
     else:
         assert out["image_auroc"] is not None and "image_auroc" not in out["null_reasons"]
+
+
+def test_auroc_intervals_hold_the_estimate_and_shrink_with_more_images():
+    from eproj.train.metrics import auroc_difference_interval, image_auroc, image_auroc_interval
+
+    rng = np.random.default_rng(3)
+
+    def draw(n_normal, n_defect):  # defect scores shifted by one sd: AUROC about 0.76
+        labels = np.r_[np.zeros(n_normal), np.ones(n_defect)]
+        return rng.normal(size=len(labels)) + labels, labels
+
+    scores, labels = draw(11, 37)  # the size of a texture's test split
+    lo, hi = image_auroc_interval(scores, labels)
+    auc = image_auroc(scores, labels)
+    assert lo < auc < hi
+    # Hanley & McNeil's standard error for these counts, as an independent check of the width
+    q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
+    se = np.sqrt((auc * (1 - auc) + 36 * (q1 - auc ** 2) + 10 * (q2 - auc ** 2)) / (37 * 11))
+    assert 0.6 < (hi - lo) / (2 * 1.96 * se) < 1.5
+    big, big_labels = draw(1100, 3700)
+    big_lo, big_hi = image_auroc_interval(big, big_labels, resamples=200)
+    assert big_hi - big_lo < (hi - lo) / 4
+    assert image_auroc_interval(scores, labels) == (lo, hi)  # seeded
+    assert image_auroc_interval(labels, labels) == (1.0, 1.0)  # separated on every draw
+    assert image_auroc_interval(scores, np.ones(48)) is None
+    # paired: a score against itself never differs; a perfect score beats a weak one
+    assert auroc_difference_interval(scores, scores, labels) == (0.0, 0.0)
+    d_lo, d_hi = auroc_difference_interval(labels + 0.0, scores, labels)
+    assert 0 < d_lo <= d_hi <= 1 - lo + 1e-12 and d_lo <= 1 - auc <= d_hi
+
+
+@pytest.mark.parametrize("scores, labels, confidence, message", [
+    (np.zeros(4), np.array([0, 1, 0]), 0.95, "one value per image"),
+    (np.array([0.1, np.nan, 0.3]), np.array([0, 1, 0]), 0.95, "finite"),
+    (np.zeros(3), np.array([0, 1, 0]), 1.0, "confidence"),
+])
+def test_auroc_interval_refuses_bad_input(scores, labels, confidence, message):
+    from eproj.train.metrics import image_auroc_interval
+
+    with pytest.raises(ValueError, match=message):
+        image_auroc_interval(scores, labels, confidence=confidence)
