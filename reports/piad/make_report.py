@@ -137,7 +137,9 @@ def _shipped_label(r: dict[str, Any]) -> str:
     return f"{name} — {r['family']}, {r['train']['steps']} steps" + (" (shipped)" if shipped else "")
 
 
-def markdown(results: list[dict[str, Any]], shipped: list[dict[str, Any]], command: str, shipped_from: str) -> str:
+def markdown(results: list[dict[str, Any]], shipped: list[dict[str, Any]], command: str, shipped_from: str,
+             differences: list[dict[str, Any]]) -> str:
+    """report.md; ``differences``: ``own_loss_differences(results)``."""
     lines = ["# PIAD (issue 13) beside the shipped models\n",
              f"Made by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). PIAD: reference "
              f"(PyTorch) evaluation on every test crop of its training data, tiled into the model's size, an "
@@ -179,12 +181,12 @@ def markdown(results: list[dict[str, Any]], shipped: list[dict[str, Any]], comma
             cells = [_cell(r["image_auroc"][k]) + _interval(r["image_auroc_interval"][k]) + (" *" if k == own else "")
                      for k in ABLATION]
             lines.append(f"| {_piad_label(r)} | {own} | " + " | ".join(cells) + " |")
-        differences = [d for d in own_loss_differences(results) if d["data"] == data]
-        if differences:
+        paired = [d for d in differences if d["data"] == data]
+        if paired:
             lines += ["", "Trained with another loss against the rel-perc-L1 model, own score against own score "
                       "(difference of image AUROC, paired 95 % bootstrap interval over the same crops; an "
                       "interval holding 0 does not tell them apart):\n"]
-            for d in differences:
+            for d in paired:
                 holds = d["interval"] is not None and d["interval"][0] <= 0 <= d["interval"][1]
                 lines.append(f"- {Path(d['model']).parent.name} ({d['loss']}) − {Path(d['against']).parent.name}: "
                              f"{d['difference']:+.3f}{_interval(d['interval'])}"
@@ -231,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.shipped}: {r['model']} was tested on {r['test_images']} images "
                               f"({r['defective_images']} defective), this split has {mine['test_images']} "
                               f"({mine['defective_images']}); re-run that report or pass --test-size")
+    differences = own_loss_differences(results)
     payload = {"command": command, "models": models, "shipped_from": args.shipped, "results": results,
-               "own_loss_differences": own_loss_differences(results),
+               "own_loss_differences": differences,
                "shipped": [{k: r[k] for k in ("model", "family", "data", "train", "metrics")} for r in shipped]}
     write_atomic(out / "report.json", json.dumps(payload, indent=2).encode())
-    write_atomic(out / "report.md", markdown(results, shipped, command, args.shipped).encode())
+    write_atomic(out / "report.md", markdown(results, shipped, command, args.shipped, differences).encode())
     return 0
 
 

@@ -62,7 +62,6 @@ def test_the_rule_choice_is_held_to_the_100_iteration_projection():
     assert chosen["pixel_auroc"] >= table[0]["pixel_auroc"] - 0.005 and chosen["aupro"] >= table[0]["aupro"] - 0.005
 
 
-
 def test_the_rule_choice_shows_a_progress_bar_only_when_asked(capsys):
     images, masks, normal, iterates, lr, recon_dssim = _validation(seed=0, settle=10, defect_lr=5.0)
     args = (lr, iterates, images, masks, normal, recon_dssim, 0.02, np.ones(CAP + 1))
