@@ -54,6 +54,10 @@ def test_the_report_evaluates_piad_beside_other_models(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert text.index("### Image AUROC") < text.index("### Pixel metrics") < text.index("### Ablation")
     assert "grass-l2ae — l2ae, 12000 steps (shipped) | max of DSSIM proj. | 0.700 |" in text
+    # the first table scores each PIAD model by its own score, the one its verdict uses
+    first = text[text.index("### Image AUROC"):text.index("### Pixel metrics")]
+    assert f"| rel-perc-L1 (A(x)) | {result['image_auroc']['rel_perc_l1']:.3f} |" in first
+    assert f"| L2 (pixel MSE) | {l2_result['image_auroc']['l2']:.3f} |" in first
     ablation = next(line for line in text.splitlines() if "| rel_perc_l1 |" in line)
     assert ablation.endswith("] * |")  # the model's own loss, the last column, with its interval
     assert "- grass-piad-l2 (l2) − grass-piad: " in text
