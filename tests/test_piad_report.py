@@ -62,6 +62,16 @@ def test_the_report_evaluates_piad_beside_other_models(tmp_path):
     assert ablation.endswith("] * |")  # the model's own loss, the last column, with its interval
     assert "- grass-piad-l2 (l2) − grass-piad: " in text
     assert payload["command"].startswith(".venv/bin/python reports/piad/make_report.py")
+    # --keep: the l2 model evaluated again, the other row carried over from the report above
+    assert report.main([str(l2), "--out", str(tmp_path / "again"), "--keep", str(tmp_path / "report" / "report.json"),
+                        "--shipped", str(tmp_path / "other.json")]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["models"] == [str(path), str(l2)] and again["evaluated"] == [str(l2)]
+    kept, fresh = again["results"]
+    assert kept["kept_from"] == {"report": str(tmp_path / "report" / "report.json"), "command": payload["command"]}
+    assert "kept_from" not in fresh and fresh["image_scores"] == l2_result["image_scores"]
+    assert kept["image_scores"] == result["image_scores"] and again["own_loss_differences"] == [difference]
+    assert f"- grass-piad: `{payload['command']}`" in (tmp_path / "again" / "report.md").read_text()
     # rows tested on another split are refused
     other["results"][0]["defective_images"] = 30
     (tmp_path / "other.json").write_text(json.dumps(other))
@@ -82,3 +92,24 @@ def test_own_loss_differences_refuse_rows_tested_on_other_images():
     assert report.own_loss_differences([base, row("runs/grass-piad-perc/model.pt", "perc", ["a", "b", "c"])])
     with pytest.raises(ConfigError, match="tested on different images of textures:grass"):
         report.own_loss_differences([base, row("runs/grass-piad-perc/model.pt", "perc", ["a", "b", "d"])])
+
+
+def test_kept_rows_must_share_the_test_split(tmp_path):
+    from eproj.errors import ConfigError
+
+    def row(model, images, labels=(0, 1, 1)):
+        return {"model": model, "data": "textures:grass", "images": images, "labels": list(labels)}
+
+    report = _script()
+    earlier = tmp_path / "report.json"
+    earlier.write_text(json.dumps({"command": "make it", "results": [row("a.pt", ["x", "y", "z"]),
+                                                                      row("b.pt", ["x", "y", "z"])]}))
+    merged = report.keep_rows([row("b.pt", ["x", "y", "z"]), row("c.pt", ["x", "y", "z"])], earlier)
+    assert [r["model"] for r in merged] == ["a.pt", "b.pt", "c.pt"]
+    assert [r.get("kept_from") for r in merged] == [{"report": str(earlier), "command": "make it"}, None, None]
+    with pytest.raises(ConfigError, match="b.pt and a.pt were tested on different images or labels"):
+        report.keep_rows([row("b.pt", ["x", "y", "w"])], earlier)
+    with pytest.raises(ConfigError, match="b.pt and a.pt were tested on different images or labels"):
+        report.keep_rows([row("b.pt", ["x", "y", "z"], (1, 1, 1))], earlier)
+    with pytest.raises(ConfigError, match="no such report.json"):
+        report.keep_rows([], tmp_path / "none.json")

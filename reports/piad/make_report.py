@@ -31,6 +31,11 @@ each cut into PIAD's tiles side by side, an image's score its largest tile's.
   ranking on CIFAR-10 is a comparison of this kind, and on a few dozen crops it is often within
   the draw.
 
+Run folders do not outlive a working copy (``runs/`` is not committed). ``--keep REPORT`` carries
+over the rows of an earlier report.json whose model is not evaluated this time, each marked in
+report.md with the command that evaluated it; every row of one data must then still have been
+tested on the same images with the same labels, or the script refuses (re-evaluate them all).
+
 The other models' rows (the shipped autoencoders and the U-Net runs) are read from
 ``reports/unet/report.json`` (``--shipped``), their reference evaluation on the same test crops
 (re-run that report to refresh them); this script checks that its test split has the same
@@ -91,6 +96,34 @@ def shipped_rows(path: Path, datas: set[str]) -> list[dict[str, Any]]:
     return [r for r in json.loads(path.read_text())["results"] if r["data"] in datas]
 
 
+def keep_rows(results: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """``results`` with the rows of the earlier report ``path`` whose model is not among them, in
+    that report's order (a fresh row takes the place of its model's old one; new models come last).
+    A kept row records where it came from (``kept_from``: report and command; a row kept before
+    keeps its first origin). Refuses a data whose rows were tested on different images or labels."""
+    from eproj.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"--keep {path}: no such report.json")
+    old = json.loads(path.read_text())
+    fresh = {r["model"]: r for r in results}
+    merged = []
+    for r in old.get("results", []):
+        if r["model"] in fresh:
+            merged.append(fresh.pop(r["model"]))
+        else:
+            origin = r.get("kept_from") or {"report": str(path), "command": old.get("command")}
+            merged.append({**r, "kept_from": origin})
+    merged += fresh.values()
+    for r in merged:
+        first = next(b for b in merged if b["data"] == r["data"])
+        if (r["images"], r["labels"]) != (first["images"], first["labels"]):
+            raise ConfigError(f"{r['model']} and {first['model']} were tested on different images or labels of "
+                              f"{r['data']} (the test split changed since {path} was made); re-evaluate every model "
+                              f"instead of keeping rows")
+    return merged
+
+
 def _cell(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
@@ -146,6 +179,12 @@ def markdown(results: list[dict[str, Any]], shipped: list[dict[str, Any]], comma
              f"(PyTorch) evaluation on every test crop of its training data, tiled into the model's size, an "
              f"image's score its largest tile's; thresholds from its calibration on validation images. Shipped "
              f"models and U-Nets: their rows of `{shipped_from}` (the same test crops).\n"]
+    kept = [r for r in results if "kept_from" in r]
+    if kept:
+        lines.append("Rows kept from an earlier report (their run folders are gone; `--keep`), each evaluated "
+                     "on the same test crops by the command given:\n")
+        lines += [f"- {Path(r['model']).parent.name}: `{r['kept_from']['command']}`" for r in kept]
+        lines.append("")
     for data in sorted({r["data"] for r in results}):
         rows = [r for r in results if r["data"] == data]
         others = [r for r in shipped if r["data"] == data]
@@ -210,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=int, default=128,
                         help="crop size the test split is drawn at (the shipped models' input size) [128]")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
+    parser.add_argument("--keep", metavar="REPORT",
+                        help="an earlier report.json whose rows of models not evaluated now are carried over")
     args = parser.parse_args(argv)
     import torch
 
@@ -219,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     raw = sys.argv[1:] if argv is None else argv
     models = args.models or [p for p in DEFAULT_RUNS if Path(p).is_file()]
-    if not models:
+    if not models and not args.keep:
         raise SystemExit(f"no PIAD model: none of {', '.join(DEFAULT_RUNS)} exists; pass model.pt paths")
     command = ".venv/bin/python reports/piad/make_report.py" + (" " + shlex.join(raw) if raw else "")
     out = Path(args.out)
@@ -228,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in models:
         print(f"evaluating {path}", file=sys.stderr)
         results.append(evaluate_model(path, args.test_size))
+    if args.keep:
+        results = keep_rows(results, Path(args.keep))
     shipped = shipped_rows(Path(args.shipped), {r["data"] for r in results})
     for r in shipped:
         mine = next(p for p in results if p["data"] == r["data"])
@@ -236,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"({r['defective_images']} defective), this split has {mine['test_images']} "
                               f"({mine['defective_images']}); re-run that report or pass --test-size")
     differences = own_loss_differences(results)
-    payload = {"command": command, "models": models, "shipped_from": args.shipped, "results": results,
+    payload = {"command": command, "models": [r["model"] for r in results], "evaluated": models,
+               "shipped_from": args.shipped, "results": results,
                "own_loss_differences": differences,
                "shipped": [{k: r[k] for k in ("model", "family", "data", "train", "metrics")} for r in shipped]}
     write_atomic(out / "report.json", json.dumps(payload, indent=2).encode())
